@@ -1,0 +1,86 @@
+"""The DeepSpeed engine: its config built from ours, AdamW with warmup + cosine decay.
+
+We hand DeepSpeed a torch AdamW (a "client optimizer") rather than DeepSpeed's own Adam: the latter
+compiles a C++ op on first use (about a minute on CPU, STACK.md), and torch's is the same math.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from orchestrator.config import OptimConfig, TrainConfig
+
+
+def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict[str, Any]:
+    t, p = cfg.trainer, cfg.parallel
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum_steps,
+        "train_batch_size": t.micro_batch_size * t.grad_accum_steps * p.dp,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": p.zero_stage},
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,
+        # We print and log ourselves (orchestrator/tracking.py).
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices of linear layers; not norms, biases, embeddings, product keys or expert
+    tables (PEER's U and V rows are embeddings: decaying every row each step would shrink the
+    experts that a batch did not retrieve)."""
+    decay, no_decay = [], []
+    no_decay_ids: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, (nn.Embedding, nn.LayerNorm, nn.BatchNorm1d)) or "Norm" in type(module).__name__:
+            no_decay_ids.update(id(p) for p in module.parameters(recurse=False))
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or id(p) in no_decay_ids or "key" in name.split(".")[-1]:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    return [g for g in groups if g["params"]]
+
+
+def lr_lambda(optim: OptimConfig, max_steps: int):
+    """Multiplier of optim.lr at a step: linear warmup, then cosine to min_lr_ratio, then flat."""
+    warmup = optim.warmup_steps
+    decay = optim.decay_steps if optim.decay_steps is not None else max(1, max_steps - warmup)
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / decay)
+        cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * cosine
+
+    return factor
+
+
+def build_engine(model: nn.Module, cfg: TrainConfig, bf16: bool):
+    """deepspeed.initialize with our optimizer and schedule; returns (engine, scheduler)."""
+    import deepspeed
+    from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
+
+    o = cfg.optim
+    groups = param_groups(model, o.weight_decay)
+    if any(is_moe_param(p) for p in model.parameters()):
+        # ZeRO reduces and partitions expert parameters over the expert-data-parallel group only;
+        # it finds them through param groups marked 'moe'.
+        groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                  weight_decay=o.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o, cfg.trainer.max_steps))
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                   config=deepspeed_config(cfg, bf16))
+    return engine, scheduler

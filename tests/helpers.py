@@ -1,0 +1,37 @@
+"""Shared helpers for tests that run `python launch.py` as a user would."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A model small enough for a few seconds of CPU training per launch, with every kind of block.
+TINY = ["model.d_model=64", "model.num_layers=2", "model.num_attention_heads=2", "model.d_ff=128",
+        "model.max_seq_len=64", "data.seq_len=64", "model.peer.num_experts=1024", "model.peer.num_heads=2",
+        "model.peer.top_k=4", "model.peer.d_key=32", "model.moe.d_ff=128", "model.moe.num_experts=4",
+        "trainer.micro_batch_size=4", "trainer.eval_batches=2", "trainer.progress_bar=false"]
+
+
+def launch(args: list[str], cwd: Path, timeout: int = 600, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
+           "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+    return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.jsonl", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in read_metrics(run_dir) if "loss" in m}
+
+
+def describe(proc: subprocess.CompletedProcess) -> str:
+    return f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
