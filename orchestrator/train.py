@@ -137,7 +137,7 @@ class Trainer:
     def _announce(self, resumed: bool) -> None:
         r, c = self.reporter, self.cfg
         r.print(f"run dir: {os.path.abspath(c.run.dir)}")
-        r.print(f"data: {self.corpus.summary()}")
+        r.print(self.corpus.summary())
         r.print(f"model: {self.counts_text}")
         r.print(f"parallel: world={self.world_size} dp={c.parallel.dp} ep={c.parallel.ep} tp={c.parallel.tp} "
                 f"pp={c.parallel.pp} zero={c.parallel.zero_stage} device={self.device.type} "

@@ -41,6 +41,7 @@ def report_world(out_dir: str) -> None:
     finally:
         dist.destroy_process_group()
     Path(out_dir, f"rank{env.rank}.json").write_text(json.dumps(result))
+    print(f"rank {env.rank} of {env.world_size}: sum {result['sum']}")
 
 
 def fail_on_rank1(out_dir: str) -> None:

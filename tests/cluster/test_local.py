@@ -2,8 +2,9 @@
 torch elastic's agent, a failing rank, a user-error exit code, Ctrl-C and SIGTERM.
 
 Launches that may hang if the launcher is wrong (a failing rank, signals) run in a subprocess with
-a timeout, so a bug fails the test instead of blocking the suite. A 2-process launch takes about
-4-6 s on 2 CPU cores, mostly each spawned worker importing torch.
+a timeout, so a bug fails the test instead of blocking the suite. On 2 CPU cores a 2-process launch
+takes about 2 s from a process that has imported torch and 3-5 s from a fresh launcher, mostly
+each spawned worker importing torch.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from cluster.env import DistEnv, select_backend
-from cluster.local import LaunchError, free_port, run_local
+from cluster.local import LaunchError, LaunchInterrupted, free_port, run_local
 from tests.cluster import _local_workers as workers
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -158,6 +159,18 @@ def test_two_processes_all_reduce_through_the_environment(tmp_path, monkeypatch)
 
 
 @pytest.mark.slow
+def test_log_dir_keeps_per_rank_logs_and_prefixes_the_console(tmp_path, capfd, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    run_local(workers.report_world, (str(tmp_path),), 2, run_id="logged", log_dir=tmp_path / "logs")
+
+    console = capfd.readouterr().out
+    for rank in (0, 1):
+        assert f"[rank{rank}]: rank {rank} of 2: sum 3.0" in console, console
+        (log,) = (tmp_path / "logs").glob(f"logged_*/attempt_0/{rank}/stdout.log")
+        assert log.read_text() == f"rank {rank} of 2: sum 3.0\n"
+
+
+@pytest.mark.slow
 def test_failing_rank_fails_the_run_with_its_traceback(tmp_path):
     started = time.monotonic()
     proc, error = _run_launcher("fail_on_rank1", 2, tmp_path)
@@ -233,6 +246,12 @@ def test_dist_env_refuses_missing_or_inconsistent_values():
     with pytest.raises(RuntimeError, match="MASTER_PORT='x' is not an integer"):
         DistEnv.from_environ({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
                               "MASTER_ADDR": "h", "MASTER_PORT": "x"})
+
+
+def test_launch_errors_carry_an_exit_code():
+    assert issubclass(LaunchInterrupted, LaunchError) and issubclass(LaunchError, RuntimeError)
+    error = LaunchError("rank 1 exited with code 2", exit_code=2, rank=1)
+    assert (error.exit_code, error.rank, str(error)) == (2, 1, "rank 1 exited with code 2")
 
 
 def test_select_backend_and_free_port():

@@ -2,11 +2,14 @@
 
 The single-process reference uses the same micro-batch (4 sequences) with 2 accumulation steps, so
 that every forward sees the same 4 sequences in both runs (PEER's query BatchNorm normalises over
-the micro-batch, so the micro-batch must match, not only the global batch). What differs is only
-the order of float32 additions: dp=2 all-reduces two micro-batch gradients, the single process
-accumulates them. That is a relative error of about 1e-7 per step; Adam divides by sqrt(v), which
-amplifies it where gradients are near zero, so over 8 steps we allow 2e-4 relative on the loss
-(measured differences are printed on failure).
+the micro-batch, so the micro-batch must match, not only the global batch).
+
+Tolerance: without ZeRO the two runs are bitwise equal: dp=2 computes (g1 + g2) / 2 after the
+all-reduce, the single process g1 / 2 + g2 / 2, and halving is exact in binary floating point.
+ZeRO reduces partitioned buckets in another order, which moves the loss by one float32 ulp
+(measured: at most 3.6e-8 relative over 20 steps with model=moe, ZeRO-1). We allow 1e-5 relative:
+far above that rounding, far below any real error (a wrong batch split or a missing gradient
+average changes the loss by more than 1e-2 within a few steps).
 """
 
 from __future__ import annotations
@@ -30,4 +33,4 @@ def test_dp2_matches_one_process(tmp_path, model, zero_stage):
     ref, dp2 = train_losses(tmp_path / "one" / "default"), train_losses(tmp_path / "two" / "default")
     assert sorted(ref) == sorted(dp2) == list(range(1, 9))
     diffs = {s: abs(ref[s] - dp2[s]) / abs(ref[s]) for s in ref}
-    assert max(diffs.values()) < 2e-4, f"relative differences per step: {diffs}"
+    assert max(diffs.values()) < 1e-5, f"relative differences per step: {diffs}"
