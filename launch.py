@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from orchestrator.config import TrainConfig, load_config, to_dict, validate
-from orchestrator.errors import USER_ERROR_EXIT_CODE, ConfigError
+from orchestrator.errors import REQUEUE_EXIT_CODE, USER_ERROR_EXIT_CODE, ConfigError
 
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 # Hydra flags that take a value in the next argument.
@@ -119,7 +119,11 @@ def main(cfg: DictConfig) -> None:
         run_local(train_main, (to_dict(train_cfg),), train_cfg.cluster.nproc_per_node,
                   run_id=train_cfg.run.name, log_dir=os.path.join(train_cfg.run.dir, "logs"))
     except LaunchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if exc.exit_code == REQUEUE_EXIT_CODE:
+            print(f"stopped by a signal after a complete checkpoint; run the same command to resume "
+                  f"(exit {REQUEUE_EXIT_CODE})", file=sys.stderr)
+        else:
+            print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code or 1)
 
 

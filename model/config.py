@@ -17,7 +17,7 @@ def doc(text: str):
 
 FFN_KINDS = ("dense", "peer", "moe")
 ACTIVATIONS = ("relu", "gelu")
-PEER_IMPLS = ("reference",)
+PEER_IMPLS = ("reference", "fused", "auto")
 
 
 @dataclass
@@ -30,7 +30,7 @@ class PeerConfig:
     d_key: int = doc("query/key width; even, split into two halves for the product keys")
     query_batchnorm: bool = doc("BatchNorm on the query (the paper's default, raises expert usage)")
     activation: str = doc("expert non-linearity: relu or gelu")
-    impl: str = doc("kernel: reference (readable PyTorch); fused kernels come with the kernels issue")
+    impl: str = doc("expert compute: reference (readable PyTorch), fused (Triton on CUDA, chunked torch ops on CPU; model/kernels/), or auto (the fastest correct one for the device: fused today)")
 
 
 @dataclass

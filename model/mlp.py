@@ -28,9 +28,9 @@ class DenseMLP(nn.Module):
         self.reset_parameters()
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.up.weight, mean=0.0, std=self.init_std)
-        nn.init.normal_(self.down.weight, mean=0.0, std=self.output_init_std)
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        nn.init.normal_(self.up.weight, mean=0.0, std=self.init_std, generator=generator)
+        nn.init.normal_(self.down.weight, mean=0.0, std=self.output_init_std, generator=generator)
 
     def forward(self, x_D: torch.Tensor) -> torch.Tensor:
         return self.down(F.gelu(self.up(x_D)))

@@ -71,13 +71,23 @@ class MoEFeedForward(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         # DeepSpeed deep-copies one expert, so all experts start identical; only the gate's
-        # routing would break the symmetry. Re-draw each expert independently instead.
-        # (Under expert parallelism every rank draws its local experts from its own RNG stream;
-        # seeding per rank is the orchestrator's job.)
-        for expert in self.local_experts():
-            expert.reset_parameters()
+        # routing would break the symmetry. Re-draw each expert independently instead: expert e
+        # from its own generator seeded by (one draw of the global stream) + e, so that expert e
+        # starts the same whatever ep is and the global stream advances by the same amount.
+        self.expert_seed = int(torch.randint(0, 2**62, (1,), device="cpu").item())
+        self.reset_local_experts(ep_rank=0)
         # DeepSpeed leaves the gate at nn.Linear's default (kaiming-uniform); use the model's std.
         nn.init.normal_(self.gate_weight(), mean=0.0, std=self.init_std)
+
+    @torch.no_grad()
+    def reset_local_experts(self, ep_rank: int) -> None:
+        """Initialise the local experts as the global experts ep_rank * L .. ep_rank * L + L - 1
+        (L = num_experts / ep_size, DeepSpeed's placement). The constructor does not know the rank
+        and uses 0; orchestrator.parallel.parallelize calls this with the real one."""
+        local = self.local_experts()
+        for j, expert in enumerate(local):
+            gen = torch.Generator(device="cpu").manual_seed(self.expert_seed + ep_rank * len(local) + j)
+            expert.reset_parameters(generator=gen)
 
     def local_experts(self) -> list[DenseMLP]:
         return list(self.moe.deepspeed_moe.experts.deepspeed_experts)

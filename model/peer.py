@@ -22,6 +22,7 @@ Legend (shape suffixes):
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -29,9 +30,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ACTIVATIONS, PEER_IMPLS, PeerConfig
+from model.kernels import peer_expert_mix
 from model.product_keys import product_key_topk
 
 _ACTIVATION_FNS = {"relu": F.relu, "gelu": F.gelu}
+
+# Set by defer_expert_tables(); a list so the context manager can flip it in place.
+_DEFER_EXPERT_TABLES = [False]
+
+
+@contextlib.contextmanager
+def defer_expert_tables(enabled: bool = True):
+    """PEER layers built inside get their U and V tables on the meta device: no memory, no fill.
+
+    Everything else (query nets, keys, the global RNG stream, `expert_seed`) is built exactly as
+    without it, so the caller can materialise any column slice of the tables that an eager build
+    would hold with `PEER.init_expert_table`. For expert parallelism (orchestrator/parallel), where
+    a table of 1024^2 x d must never exist whole on one rank.
+    """
+    previous = _DEFER_EXPERT_TABLES[0]
+    _DEFER_EXPERT_TABLES[0] = enabled
+    try:
+        yield
+    finally:
+        _DEFER_EXPERT_TABLES[0] = previous
 
 
 def validate_peer_shapes(d_model: int, cfg: PeerConfig) -> int:
@@ -88,6 +110,7 @@ class PEER(nn.Module):
         self.top_k = cfg.top_k
         self.d_key = cfg.d_key
         self.activation = cfg.activation
+        self.impl = cfg.impl
         self._act = _ACTIVATION_FNS[cfg.activation]
         self.init_std = init_std
         self.output_init_std = init_std if output_init_std is None else output_init_std
@@ -99,8 +122,14 @@ class PEER(nn.Module):
         self.query_norm = nn.BatchNorm1d(num_query_features) if cfg.query_batchnorm else None
         self.sub_keys1 = nn.Parameter(torch.empty(self.num_sub_keys, cfg.d_key // 2))
         self.sub_keys2 = nn.Parameter(torch.empty(self.num_sub_keys, cfg.d_key // 2))
-        self.expert_down = nn.Embedding(cfg.num_experts, d_model)  # U, input vectors u_i
-        self.expert_up = nn.Embedding(cfg.num_experts, d_model)  # V, output vectors v_i
+        # U (input vectors u_i) and V (output vectors v_i). Built from an empty weight so that
+        # nn.Embedding's own init draws nothing; reset_parameters fills them. Under
+        # defer_expert_tables() they live on the meta device (expert parallelism, see there).
+        table_device = "meta" if _DEFER_EXPERT_TABLES[0] else None
+        self.expert_down = nn.Embedding(cfg.num_experts, d_model,
+                                        _weight=torch.empty(cfg.num_experts, d_model, device=table_device))
+        self.expert_up = nn.Embedding(cfg.num_experts, d_model,
+                                      _weight=torch.empty(cfg.num_experts, d_model, device=table_device))
 
         self.track_usage = False
         self.register_buffer("usage_counts", torch.zeros(cfg.num_experts, dtype=torch.int64), persistent=False)
@@ -122,10 +151,40 @@ class PEER(nn.Module):
         # U rows ~ N(0, 1/d): the input is RMS-normalised (unit rms per coordinate), so u . x is
         # O(1) and the neuron sits where relu/gelu is non-linear, not in a near-linear sliver
         # around 0 as with u ~ N(0, init_std^2).
-        nn.init.normal_(self.expert_down.weight, mean=0.0, std=1.0 / math.sqrt(self.d_model))
         # V rows small, like any output projection into the residual stream: the layer starts
         # close to the identity block and its output grows as the experts learn.
-        nn.init.normal_(self.expert_up.weight, mean=0.0, std=self.output_init_std)
+        # Both tables come from a private generator seeded by one draw of the global stream, so
+        # the global stream advances by the same amount whatever the table size or placement,
+        # and any column slice of the tables can be rebuilt alone (init_expert_table).
+        self.expert_seed = int(torch.randint(0, 2**62, (1,), device="cpu").item())
+        for name in ("expert_down", "expert_up"):
+            weight = getattr(self, name).weight
+            if not weight.is_meta:
+                weight.copy_(self.init_expert_table(name))
+
+    # Rows per generator call when filling a table: fixed, because the values depend on it.
+    EXPERT_INIT_CHUNK_ROWS = 4096
+
+    @torch.no_grad()
+    def init_expert_table(self, name: str, col_start: int = 0, col_end: int | None = None,
+                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Columns [col_start, col_end) of the initial U ("expert_down", N(0, 1/d)) or V
+        ("expert_up", N(0, output_init_std^2)) table, [N, col_end - col_start], on the CPU.
+
+        A function of `expert_seed` only. Rows are drawn full width in fixed chunks and sliced,
+        so a slice equals the same columns of the full table without the full table ever
+        existing (expert-parallel ranks each build their own columns this way).
+        """
+        std = {"expert_down": 1.0 / math.sqrt(self.d_model), "expert_up": self.output_init_std}[name]
+        col_end = self.d_model if col_end is None else col_end
+        gen = torch.Generator(device="cpu").manual_seed(self.expert_seed + (name == "expert_up"))
+        out = torch.empty(self.num_experts, col_end - col_start, dtype=dtype)
+        chunk = torch.empty(self.EXPERT_INIT_CHUNK_ROWS, self.d_model)
+        for row in range(0, self.num_experts, self.EXPERT_INIT_CHUNK_ROWS):
+            rows = min(self.EXPERT_INIT_CHUNK_ROWS, self.num_experts - row)
+            chunk[:rows].normal_(mean=0.0, std=std, generator=gen)
+            out[row:row + rows] = chunk[:rows, col_start:col_end]
+        return out
 
     def reset_usage(self) -> None:
         self.usage_counts.zero_()
@@ -148,12 +207,13 @@ class PEER(nn.Module):
         """sum over heads and retrieved experts of gate * act(u_i . x) * v_i -> [T, D].
 
         Split from `route` so that an expert-parallel wrapper can send (x, gates, idx) to the
-        ranks that hold the U/V rows and run only this part there.
+        ranks that hold the U/V rows and run only this part there. `self.impl` picks the kernel
+        (model/kernels/: reference, or fused = Triton on CUDA and chunked torch ops on CPU); all
+        compute the same values and gradients.
         """
-        u_THKD = self.expert_down(idx_THK)
-        v_THKD = self.expert_up(idx_THK)
-        hidden_THK = self._act(torch.einsum("thkd,td->thk", u_THKD, x_TD))
-        return torch.einsum("thk,thkd->td", gates_THK * hidden_THK, v_THKD)
+        return peer_expert_mix(
+            x_TD, self.expert_down.weight, self.expert_up.weight, gates_THK, idx_THK, self.activation, self.impl
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.d_model:
@@ -169,5 +229,5 @@ class PEER(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"d_model={self.d_model}, num_experts={self.num_experts}, num_heads={self.num_heads}, "
-            f"top_k={self.top_k}, d_key={self.d_key}, activation={self.activation}"
+            f"top_k={self.top_k}, d_key={self.d_key}, activation={self.activation}, impl={self.impl}"
         )

@@ -1,59 +1,415 @@
-"""Basic checkpoints through DeepSpeed's own save/load (model, optimizer and ZeRO partitions,
-LR scheduler) plus our trainer state as DeepSpeed's client state.
+"""Exact, crash-safe checkpoints to any fsspec URL.
 
-A checkpoint is `<dir>/step_XXXXXXXX/`; DeepSpeed writes `<dir>/latest` only after every file
-of a save is written, so a run killed mid-save resumes from the previous tag.
+Layout under `checkpoint.dir` (a local path, file://, s3://, ...):
+
+    step_00000200/
+        mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt, ...   DeepSpeed's own files
+        rank_00000.pt, rank_00001.pt, ...      per rank: RNG states, data position, extra state
+        manifest.json                          the commit marker, written last by rank 0
+
+A save is collective. Each rank lets DeepSpeed write into its own staging directory (beside the
+checkpoints for local storage, so that moving a file is a rename; in a local temp directory for
+remote storage), adds its rank file, hashes every file, and moves or uploads them. Only when every
+rank has finished does rank 0 write manifest.json (one atomic rename or one object PUT) with the
+size and SHA-256 of every file and the resolved config. A directory without a manifest is invisible
+to resume, so a process killed at any moment of a save leaves nothing that a later run would load;
+the next save of that step clears it.
+
+Loading picks the newest complete checkpoint (or `checkpoint.load_step`), refuses a config that
+changes what the checkpoint means, verifies sizes and checksums (every file is checked by one rank),
+falls back to the previous complete checkpoint when a file is damaged, and loads every file with
+torch's weights-only unpickler (DeepSpeed's own loader is replaced by one that allow-lists only the
+few DeepSpeed types its files contain), so a checkpoint cannot execute code.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import types
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-LATEST_FILE = "latest"
+from orchestrator.config import CheckpointConfig, flatten
+from orchestrator.errors import ConfigError
+from orchestrator.storage import Storage, redact
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+STAGING = ".staging"
+TAG_PREFIX = "step_"
+
+# Keys whose change does not change what a checkpoint means: they may differ on resume.
+RESUMABLE_CHANGES = (
+    "trainer.max_steps", "trainer.log_every", "trainer.eval_every", "trainer.eval_batches",
+    "trainer.progress_bar", "trainer.device", "optim.decay_steps", "checkpoint.", "tracking.", "run.",
+    "data.cache_dir", "model.peer.impl", "cluster.",
+)
 
 
 def tag_for_step(step: int) -> str:
-    return f"step_{step:08d}"
+    return f"{TAG_PREFIX}{step:08d}"
 
 
-def latest_tag(ckpt_dir: str) -> Optional[str]:
-    path = os.path.join(ckpt_dir, LATEST_FILE)
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        tag = f.read().strip()
-    return tag if tag and os.path.isdir(os.path.join(ckpt_dir, tag)) else None
+def step_of(tag: str) -> Optional[int]:
+    if tag.startswith(TAG_PREFIX) and tag[len(TAG_PREFIX):].isdigit():
+        return int(tag[len(TAG_PREFIX):])
+    return None
+
+
+def rank_file(rank: int) -> str:
+    return f"rank_{rank:05d}.pt"
+
+
+# ----------------------------------------------------------------------------- RNG
 
 
 def rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG that can decide the future of this rank, in weights-only-loadable types."""
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": np_kind, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, ckpt_dir: str, step: int, client_state: dict[str, Any]) -> str:
-    """Collective: every rank calls it. Returns the tag written."""
-    tag = tag_for_step(step)
-    engine.save_checkpoint(ckpt_dir, tag=tag, client_state={**client_state, "rng": rng_state()})
-    return tag
+# ----------------------------------------------------------------------------- safe loading
 
 
-def load(engine, ckpt_dir: str) -> Optional[dict[str, Any]]:
-    """Collective: load the latest checkpoint if there is one; returns its client state."""
-    tag = latest_tag(ckpt_dir)
-    if tag is None:
+def _safe_globals() -> list:
+    """The non-tensor types DeepSpeed puts into its checkpoint files (found by loading real ones)."""
+    allowed: list = []
+    try:
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+
+        allowed.append(ZeroStageEnum)
+    except ImportError:
+        pass
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler
+
+        allowed += [LossScaler, DynamicLossScaler]
+    except ImportError:
+        pass
+    try:
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        allowed.append(fragment_address)
+    except ImportError:
+        pass
+    return allowed
+
+
+def safe_load(path: str, map_location=None) -> Any:
+    with torch.serialization.safe_globals(_safe_globals()):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def _install_safe_loader(engine) -> None:
+    """DeepSpeed's TorchCheckpointEngine loads with weights_only=False; route its loads (model,
+    optimizer, ZeRO partitions, MoE experts) through the weights-only unpickler instead."""
+    ckpt_engine = engine.checkpoint_engine
+
+    def load(self, path: str, map_location=None):
+        return safe_load(path, map_location=map_location)
+
+    ckpt_engine.load = types.MethodType(load, ckpt_engine)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """`key (saved -> current)` for every key that differs and may not change on resume."""
+    a, b = flatten(saved), flatten(current)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if any(key == p or (p.endswith(".") and key.startswith(p)) for p in RESUMABLE_CHANGES):
+            continue
+        if a.get(key, "<absent>") != b.get(key, "<absent>"):
+            out.append(f"{key} ({a.get(key, '<absent>')} -> {b.get(key, '<absent>')})")
+    return out
+
+
+def test_kill_point(name: str) -> None:
+    """Test hook: PEERLAB_TEST_KILL_AT='<point>[:<rank>[:<SIGNAL>]]' sends SIGNAL (default KILL) to
+    this process when it reaches <point>: file<N> (a save has moved N of this rank's files),
+    before_manifest, after_manifest, step<N> (the end of train step N). Never set in real runs;
+    it lets the tests crash or signal a run at exact moments."""
+    spec = os.environ.get("PEERLAB_TEST_KILL_AT")
+    if not spec:
+        return
+    point, rank, sig = (spec.split(":") + ["", ""])[:3]
+    if point == name and (not rank or int(rank) == _rank()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.kill(os.getpid(), getattr(signal, f"SIG{sig or 'KILL'}"))
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _broadcast(obj: Any) -> Any:
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _gather(obj: Any) -> list:
+    if not dist.is_initialized():
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _any(flag: bool) -> bool:
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+# ----------------------------------------------------------------------------- manager
+
+
+@dataclass
+class CheckpointInfo:
+    tag: str
+    step: int
+    manifest: dict
+
+
+@dataclass
+class Loaded:
+    info: CheckpointInfo
+    client_state: dict
+    rank_state: dict
+
+
+class CheckpointManager:
+    """Save and load checkpoints of one run; every method is collective unless noted."""
+
+    def __init__(self, cfg: CheckpointConfig, log=print):
+        self.cfg = cfg
+        self.storage = Storage(cfg.dir)
+        self.log = log  # rank 0 prints; one line per event
+
+    # ------------------------------------------------------------------ listing
+    def complete_checkpoints(self) -> list[CheckpointInfo]:
+        """Checkpoints with a manifest, oldest first. Collective: rank 0 lists, all receive."""
+        infos = None
+        if _rank() == 0:
+            infos = []
+            for name in self.storage.list_dirs():
+                step = step_of(name)
+                if step is None or not self.storage.exists(f"{name}/{MANIFEST}"):
+                    continue
+                try:
+                    manifest = json.loads(self.storage.read_bytes(f"{name}/{MANIFEST}"))
+                except (ValueError, OSError):
+                    continue  # an unreadable manifest is no commit
+                infos.append(CheckpointInfo(name, step, manifest))
+            infos.sort(key=lambda i: i.step)
+        return _broadcast(infos)
+
+    # ------------------------------------------------------------------ save
+    def save(self, engine, step: int, client_state: dict, rank_state: dict, config: dict) -> str:
+        tag = tag_for_step(step)
+        rank = _rank()
+        exists = self.storage.exists(f"{tag}/{MANIFEST}") if rank == 0 else None
+        if _broadcast(exists):
+            return tag  # the same step is already committed (a save right after resuming)
+        if rank == 0:
+            self.storage.remove_tree(tag)  # leftovers of a save that died before its commit
+        _barrier()
+
+        started = time.perf_counter()
+        staging = self._staging_dir(tag, rank)
+        local_dir = os.path.join(staging, tag)
+        os.makedirs(local_dir, exist_ok=True)
+        engine.save_checkpoint(staging, tag=tag, client_state=client_state, save_latest=False)
+        torch.save({**rank_state, "rng": rng_state()}, os.path.join(local_dir, rank_file(rank)))
+
+        records = {}
+        for i, name in enumerate(sorted(os.listdir(local_dir)), start=1):
+            path = os.path.join(local_dir, name)
+            records[name] = {"size": os.path.getsize(path), "sha256": sha256_file(path), "rank": rank}
+            self.storage.put_file(path, f"{tag}/{name}", move=self.storage.local)
+            test_kill_point(f"file{i}")
+        shutil.rmtree(staging, ignore_errors=True)
+
+        everything = _gather(records)
+        _barrier()  # every rank's files are in place before the commit
+        test_kill_point("before_manifest")
+        if rank == 0:
+            files: dict[str, dict] = {}
+            for per_rank in everything:
+                for name, rec in per_rank.items():
+                    if name in files and files[name]["sha256"] != rec["sha256"]:
+                        raise RuntimeError(f"ranks {files[name]['rank']} and {rec['rank']} wrote different {name}")
+                    files.setdefault(name, rec)
+            manifest = {
+                "format": FORMAT_VERSION, "tag": tag, "step": step, "world_size": _world(),
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds_to_write": time.perf_counter() - started,
+                "bytes": sum(r["size"] for r in files.values()), "files": files, "config": config,
+            }
+            self.storage.write_bytes_atomic(f"{tag}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
+            test_kill_point("after_manifest")
+            self._apply_retention()
+        _barrier()
+        return tag
+
+    def _staging_dir(self, tag: str, rank: int) -> str:
+        if self.storage.local:
+            path = self.storage.path(STAGING, f"{tag}.rank{rank}")
+            shutil.rmtree(path, ignore_errors=True)
+            os.makedirs(path)
+            return path
+        base = os.path.expanduser(self.cfg.staging_dir) if self.cfg.staging_dir else None
+        if base:
+            os.makedirs(base, exist_ok=True)
+        return tempfile.mkdtemp(prefix=f"peerlab-{tag}-rank{rank}-", dir=base)
+
+    def _apply_retention(self) -> None:
+        """Rank 0, after a commit: keep the newest keep_last complete checkpoints (never fewer than
+        one), and drop uncommitted directories older than the newest commit."""
+        names = self.storage.list_dirs()
+        complete = sorted((step_of(n), n) for n in names
+                          if step_of(n) is not None and self.storage.exists(f"{n}/{MANIFEST}"))
+        if not complete:
+            return
+        newest = complete[-1][0]
+        keep = max(1, self.cfg.keep_last) if self.cfg.keep_last else len(complete)
+        for _, name in complete[:-keep]:
+            self.storage.remove_tree(name)
+        for name in names:
+            step = step_of(name)
+            if step is not None and step < newest and (step, name) not in complete:
+                self.storage.remove_tree(name)
+
+    # ------------------------------------------------------------------ load
+    def load(self, engine, current_config: dict) -> Optional[Loaded]:
+        """Load the newest complete, intact checkpoint (or checkpoint.load_step); None if none."""
+        infos = self.complete_checkpoints()
+        if self.cfg.load_step is not None:
+            wanted = [i for i in infos if i.step == self.cfg.load_step]
+            if not wanted:
+                available = ", ".join(str(i.step) for i in infos) or "none"
+                raise ConfigError("checkpoint.load_step", self.cfg.load_step,
+                                  f"no complete checkpoint of that step in {self.storage.display()} (steps: {available})",
+                                  "pick one of the listed steps, or checkpoint.load_step=null for the latest")
+            infos = wanted
+        for info in reversed(infos):
+            differences = config_differences(info.manifest.get("config", {}), current_config)
+            if differences:
+                raise ConfigError("checkpoint.dir", redact(self.cfg.dir),
+                                  f"{info.tag} was written with another config: {'; '.join(differences)}",
+                                  "restore those values, or start fresh with checkpoint.resume=false "
+                                  "or another run.name")
+            if info.manifest.get("world_size") != _world():
+                raise ConfigError("checkpoint.dir", redact(self.cfg.dir),
+                                  f"{info.tag} was written by {info.manifest.get('world_size')} ranks, this run has {_world()}",
+                                  "resume with the same number of processes and parallel degrees")
+            loaded = self._try_load(engine, info)
+            if loaded is not None:
+                return loaded
         return None
-    path, client_state = engine.load_checkpoint(ckpt_dir, tag=tag)
-    if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {ckpt_dir}")
-    set_rng_state(client_state["rng"])
-    return client_state
+
+    def _try_load(self, engine, info: CheckpointInfo) -> Optional[Loaded]:
+        rank = _rank()
+        files = info.manifest["files"]
+        mine = rank_file(rank)
+        temp_dir = None
+        if self.storage.local:
+            parent, problem = self.storage.root, None
+            to_check = [n for n, rec in files.items() if rec["rank"] == rank]
+        else:
+            # Every rank needs DeepSpeed's shared files and its own rank file locally.
+            temp_dir = self._staging_dir(info.tag + ".load", rank)
+            parent = temp_dir
+            to_check = [n for n in files if not n.startswith("rank_") or n == mine]
+        problem = None
+        for name in to_check:
+            rec = files[name]
+            try:
+                if temp_dir is not None:
+                    self.storage.get_file(f"{info.tag}/{name}", os.path.join(temp_dir, info.tag, name))
+                path = os.path.join(parent, info.tag, name)
+                size = os.path.getsize(path)
+                if size != rec["size"]:
+                    problem = f"{name}: {size} bytes, manifest says {rec['size']}"
+                elif sha256_file(path) != rec["sha256"]:
+                    problem = f"{name}: SHA-256 differs from the manifest"
+            except (OSError, FileNotFoundError) as exc:
+                problem = f"{name}: {type(exc).__name__}: {exc}"
+            if problem:
+                break
+        if mine not in files:
+            problem = problem or f"{mine} is missing"
+        problems = _gather(problem)
+        bad = [p for p in problems if p]
+        if bad:
+            if rank == 0:
+                self.log(f"checkpoint: {info.tag} in {self.storage.display()} is damaged ({bad[0]}); "
+                         f"falling back to the previous complete checkpoint")
+            if temp_dir:
+                shutil.rmtree(temp_dir, ignore_errors=True)
+            return None
+        _install_safe_loader(engine)
+        path, client_state = engine.load_checkpoint(parent, tag=info.tag, load_optimizer_states=True,
+                                                    load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load {info.tag} from {self.storage.display()}")
+        rank_state = safe_load(os.path.join(parent, info.tag, mine))
+        set_rng_state(rank_state.pop("rng"))
+        if temp_dir:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+        return Loaded(info, client_state, rank_state)

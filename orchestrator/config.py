@@ -52,7 +52,7 @@ class OptimConfig:
 @dataclass
 class ParallelConfig:
     dp: int = doc("data-parallel degree; dp x tp x pp must equal the world size")
-    ep: int = doc("expert-parallel degree; divides dp (experts are split across data-parallel ranks)")
+    ep: int = doc("expert-parallel degree; divides dp: PEER layers split the columns of U and V (ep divides d_model), MoE layers their experts, across groups of ep ranks")
     tp: int = doc("tensor-parallel degree (only 1 until tensor parallelism lands)")
     pp: int = doc("pipeline-parallel degree (only 1 until pipeline parallelism lands)")
     zero_stage: int = doc("DeepSpeed ZeRO stage: 0, 1 or 2")
@@ -74,9 +74,12 @@ class TrainerConfig:
 
 @dataclass
 class CheckpointConfig:
-    dir: str = doc("where checkpoints are written (local path); a rerun resumes from the latest one here")
-    every_steps: int = doc("steps between checkpoints; 0 saves only at the end")
-    resume: bool = doc("resume from the latest checkpoint in checkpoint.dir when one exists")
+    dir: str = doc("where checkpoints go: a local path or any fsspec URL (file://, s3://, ...); a rerun resumes from the latest complete one here")
+    every_steps: int = doc("steps between checkpoints; 0 saves only at the end (and on a stop signal)")
+    resume: bool = doc("resume from the latest complete checkpoint in checkpoint.dir when one exists")
+    load_step: Optional[int] = doc("resume from the checkpoint of this step instead of the latest; null for the latest")
+    keep_last: int = doc("keep this many newest complete checkpoints, deleting older ones after each save; 0 keeps all")
+    staging_dir: Optional[str] = doc("local scratch directory for files on their way to or from remote storage; null: the system temp dir")
 
 
 @dataclass
@@ -373,9 +376,14 @@ def _validate_parallel(cfg: TrainConfig) -> None:
         if cfg.model.ffn == "dense":
             raise ConfigError("parallel.ep", p.ep, "a dense model has no experts to split",
                               "set parallel.ep=1, or use model=moe")
-        if cfg.model.ffn == "peer":
-            raise ConfigError("parallel.ep", p.ep, "expert-parallel PEER is not implemented yet",
-                              "set parallel.ep=1 (PEER tables are replicated across data-parallel ranks)")
+        if cfg.model.ffn == "peer" and cfg.model.d_model % p.ep:
+            # Expert-parallel PEER shards the columns of U and V (docs/expert_parallel.md), so ep
+            # must divide d_model; N needs no condition (every rank holds all N rows).
+            raise ConfigError("parallel.ep", p.ep,
+                              f"does not divide model.d_model={cfg.model.d_model} (each rank holds d_model/ep "
+                              "columns of every PEER expert)",
+                              f"choose ep among the common divisors of dp and d_model: "
+                              f"{', '.join(str(e) for e in range(1, p.dp + 1) if p.dp % e == 0 and cfg.model.d_model % e == 0)}")
         if cfg.model.ffn == "moe" and cfg.model.moe.num_experts % p.ep:
             raise ConfigError("parallel.ep", p.ep,
                               f"does not divide model.moe.num_experts={cfg.model.moe.num_experts}",
@@ -395,9 +403,19 @@ def _validate_io(cfg: TrainConfig) -> None:
     _one_of("cluster.kind", cfg.cluster.kind, ("local",))
     _positive("cluster.nproc_per_node", cfg.cluster.nproc_per_node)
     _positive("checkpoint.every_steps", cfg.checkpoint.every_steps, 0)
-    if "://" in cfg.checkpoint.dir and not cfg.checkpoint.dir.startswith("file://"):
-        raise ConfigError("checkpoint.dir", cfg.checkpoint.dir, "remote checkpoint storage is not supported yet",
-                          "use a local path for checkpoint.dir")
+    _positive("checkpoint.keep_last", cfg.checkpoint.keep_last, 0)
+    if cfg.checkpoint.load_step is not None:
+        _positive("checkpoint.load_step", cfg.checkpoint.load_step, 1)
+        if not cfg.checkpoint.resume:
+            raise ConfigError("checkpoint.load_step", cfg.checkpoint.load_step, "contradicts checkpoint.resume=false",
+                              "drop one of the two overrides")
+    from orchestrator.storage import check_url, redact
+
+    problem = check_url(cfg.checkpoint.dir)
+    if problem:
+        protocol = cfg.checkpoint.dir.split("://", 1)[0]
+        hint = "pip install s3fs" if protocol in ("s3", "s3a") else f"install the fsspec implementation of {protocol}://"
+        raise ConfigError("checkpoint.dir", redact(cfg.checkpoint.dir), f"cannot be opened here: {problem}", hint)
     if not cfg.tracking.experiment:
         raise ConfigError("tracking.experiment", cfg.tracking.experiment, "is empty", "name the MLflow experiment")
     for key in ("run.name", "run.dir"):

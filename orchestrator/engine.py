@@ -6,6 +6,7 @@ compiles a C++ op on first use (about a minute on CPU, STACK.md), and torch's is
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -21,7 +22,9 @@ def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum_steps,
         "train_batch_size": t.micro_batch_size * t.grad_accum_steps * p.dp,
-        "gradient_clipping": cfg.optim.grad_clip,
+        # With sharded experts at ZeRO 0, DeepSpeed's clipping averages per-rank norms across
+        # ranks instead of summing expert squares over the ep group; the trainer clips then.
+        "gradient_clipping": 0.0 if trainer_clips_gradients(cfg) else cfg.optim.grad_clip,
         "zero_optimization": {"stage": p.zero_stage},
         "bf16": {"enabled": bf16},
         "zero_allow_untested_optimizer": True,
@@ -29,6 +32,12 @@ def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict[str, Any]:
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+
+
+def trainer_clips_gradients(cfg: TrainConfig) -> bool:
+    """True when orchestrator/train.py clips with the exact global norm instead of DeepSpeed
+    (expert-parallel runs without ZeRO; see deepspeed_config)."""
+    return cfg.parallel.ep > 1 and cfg.parallel.zero_stage == 0 and cfg.optim.grad_clip > 0
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -81,6 +90,33 @@ def build_engine(model: nn.Module, cfg: TrainConfig, bf16: bool):
     optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                   weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o, cfg.trainer.max_steps))
-    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                   config=deepspeed_config(cfg, bf16))
+    with _expert_params_count_as_moe(model):
+        engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                       config=deepspeed_config(cfg, bf16))
     return engine, scheduler
+
+
+@contextlib.contextmanager
+def _expert_params_count_as_moe(model: nn.Module):
+    """DeepSpeed turns on its expert-parameter handling (gradient all-reduce over the
+    expert-data-parallel group, ZeRO partitions over it) only when it finds its own MoE class in
+    the model (`engine.has_moe_layers`, set in `_configure_distributed_model`, before the
+    optimizer is built). Expert-parallel PEER layers carry the same parameter marks but are not
+    that class; for the duration of deepspeed.initialize, set the flag for them too."""
+    from deepspeed.moe.utils import is_moe_param
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    if not any(is_moe_param(p) for p in model.parameters()):
+        yield
+        return
+    original = DeepSpeedEngine._configure_distributed_model
+
+    def configure(self, module):
+        original(self, module)
+        self.has_moe_layers = True
+
+    DeepSpeedEngine._configure_distributed_model = configure
+    try:
+        yield
+    finally:
+        DeepSpeedEngine._configure_distributed_model = original

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 USER_ERROR_EXIT_CODE = 2
+# A run stopped by SIGTERM or SIGUSR2 after saving a complete checkpoint exits with this code
+# (sysexits' EX_TEMPFAIL): "not finished, nothing lost, run me again" -- a launcher requeues on it.
+REQUEUE_EXIT_CODE = 75
 
 
 class ConfigError(ValueError):

@@ -14,6 +14,7 @@ import time
 from typing import Any, Optional
 
 from orchestrator.config import TrackingConfig
+from orchestrator.storage import redact
 
 # MLflow caps one param value at 6000 characters; longer values (lists) are cut with a marker.
 _MLFLOW_PARAM_MAX = 6000
@@ -73,7 +74,7 @@ class Reporter:
             run = mlflow.start_run(run_name=self._run_name)
         self._mlflow = mlflow
         self.mlflow_run_id = run.info.run_id
-        self.print(f"mlflow: experiment '{self._tracking.experiment}', run {self.mlflow_run_id} at {uri}")
+        self.print(f"mlflow: experiment {self._tracking.experiment!r}, run {self.mlflow_run_id} at {redact(uri)}")
 
     def close(self, status: str = "FINISHED") -> None:
         if not self.enabled:

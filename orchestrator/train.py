@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -17,9 +18,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from orchestrator import checkpoint
+from orchestrator.checkpoint import CheckpointManager, test_kill_point
 from orchestrator.config import TrainConfig, flatten, load_config, to_dict
-from orchestrator.errors import USER_ERROR_EXIT_CODE, ConfigError
+from orchestrator.errors import REQUEUE_EXIT_CODE, USER_ERROR_EXIT_CODE, ConfigError
+from orchestrator.storage import redact
 from orchestrator.tracking import Reporter, Stopwatch
 
 
@@ -27,10 +29,18 @@ def train_main(cfg_dict: dict) -> None:
     """Entry point of a rank. A user error found here exits with code 2 and one line."""
     try:
         cfg = load_config(cfg_dict)
-        Trainer(cfg).run()
+        stopped = Trainer(cfg).run()
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(USER_ERROR_EXIT_CODE)
+    if stopped:
+        sys.exit(REQUEUE_EXIT_CODE)
+
+
+# Signals that ask a run to stop at the next step boundary after a collective save: SIGTERM
+# (Slurm's and most schedulers' stop signal) and SIGUSR2 (what submitit asks Slurm to send before
+# preemption or the time limit).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 
 
 @dataclass
@@ -88,8 +98,18 @@ class Trainer:
         from model.lm import build_model
         from orchestrator.engine import build_engine
 
+        from model.peer import defer_expert_tables
+        from orchestrator.parallel.dims import ParallelDims
+        from orchestrator.parallel.parallelize import parallelize
+
+        # Every rank builds from the same seed; with ep > 1 the PEER tables are deferred and
+        # parallelize() builds only this rank's columns (equal to the same columns of the
+        # unsharded init, never the whole table), and re-draws MoE experts by global index.
         torch.manual_seed(self.cfg.trainer.seed)
-        model = build_model(self.cfg.model, expert_parallel_size=self.cfg.parallel.ep)
+        self.dims = ParallelDims.from_config(self.cfg.parallel)
+        with defer_expert_tables(enabled=self.dims.ep > 1):
+            model = build_model(self.cfg.model, expert_parallel_size=self.cfg.parallel.ep)
+        model = parallelize(model, self.dims)
         self.counts = count_model(self.cfg.model, self.cfg.data.seq_len)
         self.counts_text = format_counts(self.counts)
         self.engine, self.scheduler = build_engine(model.to(self.device), self.cfg, self.bf16)
@@ -100,21 +120,27 @@ class Trainer:
         return t.micro_batch_size * t.grad_accum_steps * self.dp_size * self.cfg.data.seq_len
 
     # ------------------------------------------------------------------ run
-    def run(self) -> None:
+    def run(self) -> bool:
+        """Train to max_steps; True when a stop signal ended the run early (after a save)."""
+        self._stop_signal: Optional[int] = None
+        previous_handlers = {s: signal.signal(s, self._on_stop_signal) for s in STOP_SIGNALS}
         self._init_distributed()
         status = "FAILED"
         self.reporter: Optional[Reporter] = None
         try:
             self._prepare_data()
             self._build()
+            self.checkpoints = CheckpointManager(self.cfg.checkpoint, log=self._rank0_print)
             resumed = self._maybe_resume()
             c = self.cfg
             self.reporter = Reporter(self.rank, c.run.dir, c.tracking, c.run.root, c.run.name,
                                      c.trainer.max_steps, c.trainer.progress_bar)
-            self.reporter.start(self.state.step, resumed.get("mlflow_run_id") if resumed else None)
-            self._announce(resumed is not None)
-            self._loop()
-            status = "FINISHED"
+            self.reporter.start(self.state.step, resumed.client_state.get("mlflow_run_id") if resumed else None)
+            self._announce(resumed)
+            stopped = self._loop()
+            # KILLED marks a preempted run in MLflow; resuming sets it back to RUNNING.
+            status = "KILLED" if stopped else "FINISHED"
+            return stopped
         except KeyboardInterrupt:
             status = "KILLED"
             raise
@@ -123,16 +149,40 @@ class Trainer:
                 self.reporter.close(status)
             if dist.is_initialized():
                 dist.destroy_process_group()
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
 
-    def _maybe_resume(self) -> Optional[dict]:
+    def _on_stop_signal(self, signum, frame) -> None:
+        # Only a flag: the loop checks it at the step boundary, where all ranks agree to stop.
+        self._stop_signal = signum
+
+    def _rank0_print(self, message: str) -> None:
+        if self.rank == 0:
+            print(message, flush=True)
+
+    def _config_record(self) -> dict:
+        """The resolved config as saved with checkpoints and shown to users: URLs redacted."""
+        return _redact_urls(to_dict(self.cfg))
+
+    def _maybe_resume(self):
         if not self.cfg.checkpoint.resume:
             return None
-        client = checkpoint.load(self.engine, self.cfg.checkpoint.dir)
-        if client is None:
+        loaded = self.checkpoints.load(self.engine, self._config_record())
+        if loaded is None:
             return None
-        self.state = TrainState(**client["train_state"])
-        self.batches.load_state_dict(client["data"])
-        return client
+        self.state = TrainState(**loaded.client_state["train_state"])
+        self.batches.load_state_dict(loaded.rank_state["data"])
+        self._load_rank_state(loaded.rank_state.get("extra", {}))
+        return loaded
+
+    def _rank_state(self) -> dict:
+        """Extra state this rank saves in its own checkpoint file (beside RNG and data position);
+        for state that differs per rank and that DeepSpeed does not save."""
+        return {"expert_parallel": self._expert_rank_state()}
+
+    def _load_rank_state(self, state: dict) -> None:
+        """Restore what _rank_state() saved, after DeepSpeed has loaded its part."""
+        self._load_expert_rank_state(state.get("expert_parallel", {}))
 
     def _announce(self, resumed: bool) -> None:
         r, c = self.reporter, self.cfg
@@ -142,19 +192,27 @@ class Trainer:
         r.print(f"parallel: world={self.world_size} dp={c.parallel.dp} ep={c.parallel.ep} tp={c.parallel.tp} "
                 f"pp={c.parallel.pp} zero={c.parallel.zero_stage} device={self.device.type} "
                 f"precision={'bf16' if self.bf16 else 'fp32'}")
+        if c.parallel.ep > 1 and c.model.ffn == "peer":
+            from orchestrator.parallel.parallelize import expert_parameters
+
+            held = sum(p.numel() for p in expert_parameters(self.engine.module))
+            full = sum(2 * layer.num_experts * layer.d_model for layer in self.engine.module.peer_layers())
+            r.print(f"expert parallel: this rank holds {held:,} of {full:,} expert numbers "
+                    f"(PEER U/V columns, 1/{c.parallel.ep}; sharding=dims)")
         if resumed:
-            r.print(f"resumed from {checkpoint.tag_for_step(self.state.step)} in {c.checkpoint.dir}")
+            r.print(f"resumed from {resumed.info.tag} in {self.checkpoints.storage.display()}")
         if self.rank == 0:
             os.makedirs(c.run.dir, exist_ok=True)
             path = os.path.join(c.run.dir, "config.json")
             with open(path, "w", encoding="utf-8") as f:
-                json.dump(to_dict(c), f, indent=2)
+                json.dump(self._config_record(), f, indent=2)
             r.log_artifact(path)
-        params = flatten(to_dict(c))
+        params = flatten(self._config_record())
         params.update({f"counts.{k}": v for k, v in vars(self.counts).items() if not isinstance(v, dict)})
         r.log_params(params)
 
-    def _loop(self) -> None:
+    def _loop(self) -> bool:
+        """The train loop; returns True when a stop signal ended it (after a checkpoint)."""
         c, r = self.cfg, self.reporter
         t = c.trainer
         window_losses: list[float] = []
@@ -162,7 +220,7 @@ class Trainer:
         self.engine.train()
         while self.state.step < t.max_steps:
             lr = self.scheduler.get_last_lr()[0]
-            loss = self._train_step()
+            loss, stop = self._train_step()
             self.state.step += 1
             self.state.tokens_seen += self.tokens_per_step
             window_losses.append(loss)
@@ -191,13 +249,26 @@ class Trainer:
                 self._evaluate_and_log(step)
                 watch.lap()  # evaluation time is not training throughput
             every = c.checkpoint.every_steps
-            if (every and step % every == 0) or final:
-                checkpoint.save(self.engine, c.checkpoint.dir, step, self._client_state())
-                r.print(f"saved checkpoint {checkpoint.tag_for_step(step)}")
+            if (every and step % every == 0) or final or stop:
+                self._save(step)
                 watch.lap()
+            test_kill_point(f"step{step}")
+            if stop:
+                r.print(f"stopped by a signal after step {step}; checkpoint saved; exiting with code "
+                        f"{REQUEUE_EXIT_CODE} (run the same command again to resume)")
+                return True
+        return False
 
-    def _train_step(self) -> float:
-        """One optimizer step over grad_accum_steps micro-batches; returns the global mean loss."""
+    def _save(self, step: int) -> None:
+        started = time.perf_counter()
+        rank_state = {"data": self.batches.state_dict(), "extra": self._rank_state()}
+        tag = self.checkpoints.save(self.engine, step, self._client_state(), rank_state, self._config_record())
+        self.reporter.print(f"saved checkpoint {tag} to {self.checkpoints.storage.display()} "
+                            f"in {time.perf_counter() - started:.1f}s")
+
+    def _train_step(self) -> tuple[float, bool]:
+        """One optimizer step over grad_accum_steps micro-batches; returns the global mean loss and
+        whether any rank received a stop signal (decided together, so all ranks stop together)."""
         total = torch.zeros((), dtype=torch.float64)
         micro_batches = self.batches.next_step()
         self._grad_norm = float("nan")
@@ -207,13 +278,16 @@ class Trainer:
             if i == len(micro_batches) - 1 and self.cfg.parallel.zero_stage == 0:
                 # DeepSpeed computes the norm for ZeRO 1/2 but drops it when it clips without ZeRO.
                 self._grad_norm = self._reduced_grad_norm()
+                self._clip_expert_parallel_gradients()
             self.engine.step()
             total += out.loss.detach().double().cpu()
         if self.cfg.parallel.zero_stage > 0:
             self._grad_norm = _as_float(self.engine.get_global_grad_norm())
-        mean = (total / len(micro_batches)).to(self.device)
-        dist.all_reduce(mean, op=dist.ReduceOp.SUM)
-        return float(mean) / self.dp_size
+        stop_flag = 1.0 if self._stop_signal is not None else 0.0
+        summed = torch.tensor([float(total) / len(micro_batches), stop_flag], dtype=torch.float64,
+                              device=self.device)
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+        return float(summed[0]) / self.dp_size, bool(summed[1] > 0)
 
     def _reduced_grad_norm(self) -> float:
         """Global L2 norm of the (already data-parallel-averaged) gradients, before clipping.
@@ -237,12 +311,67 @@ class Trainer:
             dist.all_reduce(expert_sq, group=groups._get_expert_parallel_group(f"ep_size_{self.cfg.parallel.ep}"))
         return math.sqrt(float(dense_sq + expert_sq))
 
+    # ------------------------------------------------------------------ expert parallelism
+    def _clip_expert_parallel_gradients(self) -> None:
+        """Clip as DeepSpeed would (coef = min(1, clip / (norm + 1e-6))) but with the exact global
+        norm: at ZeRO 0 DeepSpeed averages per-rank norms, which is wrong when experts are sharded
+        (engine.trainer_clips_gradients turns its clipping off then)."""
+        from orchestrator.engine import trainer_clips_gradients
+
+        if not trainer_clips_gradients(self.cfg):
+            return
+        coef = min(1.0, self.cfg.optim.grad_clip / (self._grad_norm + 1e-6))
+        if coef < 1.0:
+            for p in self.engine.module.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+
+    def _expert_rank_state(self) -> dict:
+        """This rank's expert shards (DeepSpeed without ZeRO saves the model and optimizer from
+        rank 0 only), with the layout they were saved under."""
+        from orchestrator.parallel.parallelize import expert_parameters
+
+        if self.cfg.parallel.ep == 1:
+            return {}
+        named = {n: p for n, p in self.engine.module.named_parameters() if getattr(p, "allreduce", True) is False}
+        state = {"ep": self.cfg.parallel.ep, "zero_stage": self.cfg.parallel.zero_stage,
+                 "params": {n: p.detach().cpu().clone() for n, p in named.items()}}
+        if self.cfg.parallel.zero_stage == 0:
+            opt_state = self.engine.optimizer.state
+            state["optimizer"] = {n: {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v)
+                                      for k, v in opt_state[p].items()}
+                                  for n, p in named.items() if p in opt_state}
+        assert len(named) == len(expert_parameters(self.engine.module))
+        return state
+
+    def _load_expert_rank_state(self, state: dict) -> None:
+        from orchestrator.errors import ConfigError
+
+        ep = self.cfg.parallel.ep
+        saved_ep = state.get("ep", 1)
+        if saved_ep != ep:
+            raise ConfigError("parallel.ep", ep,
+                              f"the checkpoint in {self.cfg.checkpoint.dir} was saved with parallel.ep={saved_ep}; "
+                              "expert shards are not resharded on resume",
+                              f"resume with parallel.ep={saved_ep}, or start fresh with checkpoint.resume=false")
+        if ep == 1:
+            return
+        named = {n: p for n, p in self.engine.module.named_parameters() if getattr(p, "allreduce", True) is False}
+        with torch.no_grad():
+            for n, p in named.items():
+                p.copy_(state["params"][n].to(p.device))
+        if "optimizer" in state:
+            opt_state = self.engine.optimizer.state
+            for n, p in named.items():
+                if n in state["optimizer"]:
+                    opt_state[p] = {k: (v.to(p.device) if torch.is_tensor(v) and v.dim() > 0 else v)
+                                    for k, v in state["optimizer"][n].items()}
+
     def _client_state(self) -> dict:
+        """Saved by DeepSpeed in rank 0's model file: what is the same on every rank."""
         return {
             "train_state": vars(self.state).copy(),
-            "data": self.batches.state_dict(),
             "mlflow_run_id": self.reporter.mlflow_run_id if self.reporter else None,
-            "config": to_dict(self.cfg),
         }
 
     # ------------------------------------------------------------------ evaluation
@@ -296,6 +425,12 @@ def expert_usage_stats(counts) -> tuple[float, float]:
     used = p > 0
     kl = float((p[used] * torch.log(p[used] * n)).sum())
     return float(used.double().mean()), kl
+
+
+def _redact_urls(d):
+    if isinstance(d, dict):
+        return {k: _redact_urls(v) for k, v in d.items()}
+    return redact(d) if isinstance(d, str) else d
 
 
 def _duration(seconds: float) -> str:

@@ -1,0 +1,133 @@
+"""PEER expert compute from torch ops, without the [T, H, K, D] intermediates (CPU path).
+
+Forward, per token chunk: gather the chunk's U rows into one reused scratch buffer (about
+SCRATCH_BYTES, cache-sized) and take the dots with x by bmm; then one embedding_bag over V with
+per-sample weights gates * act(dots) sums the weighted V rows without gathering them. Only
+x, U, V, gates, idx and the [T, M] pre-activations are kept for backward.
+
+Backward: dots of the V rows with dy (chunked like the forward), then
+    dgates = dy.v * act(s)          ds = dy.v * gate * act'(s)
+    dx     = embedding_bag(U, weights ds)
+    dU[i]  = sum_{(t,m): idx=i} ds_tm x_t      dV[i] = sum w_tm dy_t
+The last two are exactly embedding_bag's weight gradient (with x or dy as the bag gradients), so
+aten's `_embedding_bag_dense_backward` accumulates them straight into one dense [N, D] buffer
+with no per-token copies of rows (an index_add_ over chunked products is the fallback). Dense,
+not sparse, gradients: the reference's nn.Embedding gives dense ones too, and DeepSpeed's
+optimizers and ZeRO expect dense grads.
+
+Measured on a 2-core CPU (bench/RESULTS.md): the scratch budget hardly matters between 8 and 64
+tokens per chunk at T=2048, H*K=128, d=256 (within 3%); what matters is reusing the buffer
+(fresh allocations of that size page-fault on every chunk and cost 2x).
+Legend as in model/kernels/__init__.py.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from model.kernels.reference import ACTIVATION_FNS
+
+SCRATCH_BYTES = 4 << 20
+
+
+def _chunk_tokens(num_rows_per_token: int, d_model: int, element_size: int) -> int:
+    return max(1, SCRATCH_BYTES // max(1, num_rows_per_token * d_model * element_size))
+
+
+def gathered_dots(weight_ND: torch.Tensor, idx_TM: torch.Tensor, x_TD: torch.Tensor) -> torch.Tensor:
+    """dots_TM[t, m] = weight[idx[t, m]] . x[t], gathering at most one chunk of rows at a time."""
+    num_tokens, num_rows = idx_TM.shape
+    d_model = weight_ND.shape[1]
+    x_TD = x_TD.to(weight_ND.dtype)
+    dots_TM = torch.empty(num_tokens, num_rows, dtype=weight_ND.dtype, device=weight_ND.device)
+    chunk = _chunk_tokens(num_rows, d_model, weight_ND.element_size())
+    scratch = torch.empty(min(chunk, num_tokens) * num_rows, d_model, dtype=weight_ND.dtype, device=weight_ND.device)
+    for start in range(0, num_tokens, chunk):
+        stop = min(start + chunk, num_tokens)
+        n = stop - start
+        rows = scratch[: n * num_rows]
+        torch.index_select(weight_ND, 0, idx_TM[start:stop].reshape(-1), out=rows)
+        torch.bmm(rows.view(n, num_rows, d_model), x_TD[start:stop].unsqueeze(-1), out=dots_TM[start:stop].view(n, num_rows, 1))
+    return dots_TM
+
+
+def _offsets(num_tokens: int, num_rows: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    bag_of_row = torch.arange(num_tokens, device=device).repeat_interleave(num_rows)
+    bag_size = torch.full((num_tokens,), num_rows, dtype=torch.int64, device=device)
+    return bag_of_row, bag_size
+
+
+def rows_grad(grad_TD: torch.Tensor, idx_TM: torch.Tensor, weights_TM: torch.Tensor, num_rows_total: int) -> torch.Tensor:
+    """Dense [N, D] gradient G with G[i] = sum over (t, m) with idx[t, m] = i of weights[t, m] * grad[t]."""
+    num_tokens, num_rows = idx_TM.shape
+    weights_TM = weights_TM.to(grad_TD.dtype)
+    op = getattr(torch.ops.aten, "_embedding_bag_dense_backward", None)
+    if op is not None:
+        bag_of_row, bag_size = _offsets(num_tokens, num_rows, idx_TM.device)
+        # mode 0 = sum; max_indices are unused in sum mode (bag_size stands in for the argument).
+        return op(grad_TD.contiguous(), idx_TM.reshape(-1), bag_of_row, bag_size, bag_size,
+                  num_rows_total, False, 0, weights_TM.reshape(-1).contiguous(), -1)
+    return rows_grad_index_add(grad_TD, idx_TM, weights_TM, num_rows_total)
+
+
+def rows_grad_index_add(grad_TD, idx_TM, weights_TM, num_rows_total):
+    """The fallback of `rows_grad` for a torch without the aten op: index_add_ of token chunks of
+    weighted rows (one chunk's products at a time, about SCRATCH_BYTES)."""
+    num_tokens, num_rows = idx_TM.shape
+    weights_TM = weights_TM.to(grad_TD.dtype)
+    out_ND = torch.zeros(num_rows_total, grad_TD.shape[1], dtype=grad_TD.dtype, device=grad_TD.device)
+    chunk = _chunk_tokens(num_rows, grad_TD.shape[1], grad_TD.element_size())
+    for start in range(0, num_tokens, chunk):
+        stop = min(start + chunk, num_tokens)
+        prod = weights_TM[start:stop, :, None] * grad_TD[start:stop, None, :]
+        out_ND.index_add_(0, idx_TM[start:stop].reshape(-1), prod.reshape(-1, grad_TD.shape[1]))
+    return out_ND
+
+
+def _activation_grad(grad_TM: torch.Tensor, pre_TM: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "relu":
+        return grad_TM * (pre_TM > 0)
+    return torch.ops.aten.gelu_backward(grad_TM, pre_TM, approximate="none")
+
+
+class ChunkedPeerMix(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TD, down_ND, up_ND, gates_THK, idx_THK, activation):
+        num_tokens, num_heads, top_k = idx_THK.shape
+        idx_TM = idx_THK.reshape(num_tokens, num_heads * top_k)
+        gates_TM = gates_THK.reshape(num_tokens, num_heads * top_k)
+        pre_TM = gathered_dots(down_ND, idx_TM, x_TD)
+        weights_TM = (gates_TM * ACTIVATION_FNS[activation](pre_TM)).to(up_ND.dtype)
+        y_TD = F.embedding_bag(idx_TM, up_ND, per_sample_weights=weights_TM, mode="sum")
+        ctx.save_for_backward(x_TD, down_ND, up_ND, gates_TM, idx_TM, pre_TM)
+        ctx.activation = activation
+        ctx.gates_shape = gates_THK.shape
+        return y_TD.to(x_TD.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y_TD):
+        x_TD, down_ND, up_ND, gates_TM, idx_TM, pre_TM = ctx.saved_tensors
+        need_x, need_down, need_up, need_gates = ctx.needs_input_grad[:4]
+        grad_y_TD = grad_y_TD.contiguous()
+        act_TM = ACTIVATION_FNS[ctx.activation](pre_TM)
+        grad_x = grad_down = grad_up = grad_gates = None
+        if need_x or need_down or need_gates:
+            grad_w_TM = gathered_dots(up_ND, idx_TM, grad_y_TD)  # d loss / d (gate * act)
+            if need_gates:
+                grad_gates = (grad_w_TM * act_TM).to(gates_TM.dtype).view(ctx.gates_shape)
+            grad_pre_TM = _activation_grad(grad_w_TM * gates_TM, pre_TM, ctx.activation)
+            if need_x:
+                grad_x = F.embedding_bag(idx_TM, down_ND, per_sample_weights=grad_pre_TM.to(down_ND.dtype), mode="sum")
+                grad_x = grad_x.to(x_TD.dtype)
+            if need_down:
+                grad_down = rows_grad(x_TD.to(down_ND.dtype), idx_TM, grad_pre_TM, down_ND.shape[0])
+        if need_up:
+            grad_up = rows_grad(grad_y_TD.to(up_ND.dtype), idx_TM, gates_TM * act_TM, up_ND.shape[0])
+        return grad_x, grad_down, grad_up, grad_gates, None, None
+
+
+def chunked_expert_mix(x_TD, down_weight_ND, up_weight_ND, gates_THK, idx_THK, activation):
+    return ChunkedPeerMix.apply(x_TD, down_weight_ND, up_weight_ND, gates_THK, idx_THK, activation)

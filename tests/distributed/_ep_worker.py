@@ -1,0 +1,156 @@
+"""One rank of the expert-parallel tests (run by tests/distributed/test_expert_parallel.py).
+
+    python -m tests.distributed._ep_worker <scenario> <dtype> <out_dir>   (RANK, WORLD_SIZE, MASTER_* set)
+
+Scenarios: layer (sharded vs unsharded PEER, forward and gradients, byte count), uneven (ranks
+with different token counts), engine (DeepSpeed engine: what each rank owns). Raises on mismatch.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from model.config import PeerConfig
+from model.peer import PEER
+from orchestrator.parallel.expert_parallel import DimShardedPEER, bytes_per_token
+
+# Tolerances. float64: the sharded layer adds the E partial dot products of u_i . x in another
+# order than one dot over d, and the rest is the same arithmetic: agreement to ~1e-15 relative.
+# float32: the same reordering costs a few ulps (2^-23 = 1.2e-7) per value, amplified at most
+# by the conditioning of the softmax/BatchNorm backward; 1e-5 relative to the largest entry is far
+# above that and far below any real error (a missing or doubled exchange is O(1)).
+TOL = {"float64": 1e-11, "float32": 1e-5}
+
+
+def close(name, a, b, tol):
+    a, b = a.detach(), b.detach()
+    scale = max(float(b.abs().max()), 1e-30)
+    err = float((a - b).abs().max()) / scale
+    if not err < tol:
+        raise AssertionError(f"rank {dist.get_rank()}: {name} differs: max |a-b| / max |b| = {err:.3e} >= {tol}")
+    return err
+
+
+def layer(dtype_name: str, uneven: bool) -> dict:
+    dtype = getattr(torch, dtype_name)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    d_model, heads, top_k = 16, 2, 4
+    cfg = PeerConfig(num_experts=256, num_heads=heads, top_k=top_k, d_key=8, query_batchnorm=True,
+                     activation="gelu", impl="reference")
+    torch.manual_seed(0)
+    ref = PEER(d_model, cfg, init_std=0.5).to(dtype)
+    sharded = DimShardedPEER.from_peer(copy.deepcopy(ref), dist.group.WORLD, f"ep_size_{world}")
+    num_tokens = 12 + (3 * rank if uneven else 0)
+    gen = torch.Generator().manual_seed(100 + rank)
+    x = torch.randn(num_tokens, d_model, generator=gen, dtype=dtype)
+    w = torch.randn(num_tokens, d_model, generator=gen, dtype=dtype)
+    x_ref, x_sh = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ref, y_sh = ref(x_ref), sharded(x_sh)
+    (y_ref * w).sum().backward()
+    sharded.comm.reset()
+    (y_sh * w).sum().backward()
+    bwd_bytes = sharded.comm.bytes_sent
+    tol = TOL[dtype_name]
+    # Query BatchNorm statistics come from the local tokens, as in the unsharded layer.
+    running_mean_err = close("running_mean", sharded.query_norm.running_mean, ref.query_norm.running_mean, tol)
+    sharded.comm.reset()
+    y_sh2 = sharded(x_sh)  # a forward alone, for the forward byte count
+    fwd_bytes = sharded.comm.bytes_sent
+    errs = {"y": close("y", y_sh, y_ref, tol), "x.grad": close("x.grad", x_sh.grad, x_ref.grad, tol)}
+    for name in ("query.weight", "sub_keys1", "sub_keys2", "query_norm.weight", "query_norm.bias"):
+        errs[name] = close(name, dict(sharded.named_parameters())[name].grad,
+                           dict(ref.named_parameters())[name].grad, tol)
+    # U and V: the sharded grad of a column slice holds every group token's contribution; the
+    # unsharded layer's grads summed over ranks is the same thing.
+    c = d_model // world
+    for name in ("expert_down", "expert_up"):
+        full = getattr(ref, name).weight.grad.clone()
+        dist.all_reduce(full)
+        errs[name] = close(name, getattr(sharded, name).weight.grad, full[:, rank * c:(rank + 1) * c], tol)
+    errs["running_mean"] = running_mean_err
+    out = {"errs": errs, "fwd_bytes": fwd_bytes, "bwd_bytes": bwd_bytes, "tokens": num_tokens,
+           "expert_numel": sum(p.numel() for p in sharded.parameters() if getattr(p, "allreduce", True) is False),
+           "full_expert_numel": 2 * cfg.num_experts * d_model}
+    if not uneven:
+        m = heads * top_k
+        vb = torch.finfo(dtype).bits // 8
+        out["formula_fwd"] = bytes_per_token("dims", d_model, m, world, value_bytes=vb, backward=False) * num_tokens
+        out["formula_total"] = bytes_per_token("dims", d_model, m, world, value_bytes=vb) * num_tokens
+    return out
+
+
+def engine(zero_stage: int) -> dict:
+    """A tiny PEER LM through parallelize + build_engine: count what this rank owns."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import deepspeed
+    from model.lm import build_model
+    from model.peer import defer_expert_tables
+    from orchestrator.config import load_config
+    from orchestrator.engine import build_engine
+    from orchestrator.parallel.dims import ParallelDims
+    from orchestrator.parallel.parallelize import expert_parameters, parallelize
+
+    world = dist.get_world_size()
+    with initialize_config_dir(config_dir=os.path.abspath("conf"), version_base=None):
+        raw = compose("config", overrides=[
+            "model.d_model=64", "model.num_layers=2", "model.num_attention_heads=2", "model.max_seq_len=64",
+            "data.seq_len=64", "model.peer.num_experts=1024", "model.peer.num_heads=2", "model.peer.top_k=4",
+            "model.peer.d_key=32", f"cluster.nproc_per_node={world}", f"parallel.dp={world}",
+            f"parallel.ep={world}", f"parallel.zero_stage={zero_stage}", "trainer.micro_batch_size=2",
+            "trainer.eval_batches=2", "run.root=/tmp"])
+    cfg = load_config(OmegaConf.to_container(raw, resolve=True))
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    torch.manual_seed(0)
+    dims = ParallelDims.from_config(cfg.parallel)
+    with defer_expert_tables():
+        model = build_model(cfg.model)
+    model = parallelize(model, dims)
+    eng, _ = build_engine(model, cfg, bf16=False)
+    tokens = torch.randint(0, 257, (2, 64))
+    out = eng(tokens, tokens)
+    eng.backward(out.loss)
+    eng.step()
+    experts = expert_parameters(eng.module)
+    expert_ids = {id(p) for p in experts}
+    opt = eng.optimizer
+    if zero_stage == 0:
+        state_numel = sum(v.numel() for p in experts for k, v in opt.state[p].items() if k != "step")
+    else:
+        # ZeRO keeps fp32 partitions of each param group; the expert group's are the moe groups.
+        state_numel = 0
+        for i, group in enumerate(opt.optimizer.param_groups):
+            if group.get("moe"):
+                for p in group["params"]:
+                    state_numel += sum(v.numel() for k, v in opt.optimizer.state[p].items() if k != "step")
+    return {"expert_numel": sum(p.numel() for p in experts),
+            "expert_state_numel": state_numel,
+            "full_expert_numel": 2 * cfg.model.peer.num_experts * cfg.model.d_model,
+            "num_expert_tensors": len(expert_ids),
+            "has_moe_layers": bool(eng.has_moe_layers)}
+
+
+def main() -> None:
+    scenario, arg, out_dir = sys.argv[1:4]
+    dist.init_process_group("gloo")
+    try:
+        if scenario == "engine":
+            result = engine(int(arg))
+        else:
+            result = layer(arg, uneven=scenario == "uneven")
+        with open(os.path.join(out_dir, f"rank{dist.get_rank()}.json"), "w") as f:
+            json.dump(result, f)
+        dist.barrier()  # no rank tears gloo down while another still exchanges
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

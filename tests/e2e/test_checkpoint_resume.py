@@ -1,0 +1,232 @@
+"""Exact, crash-safe resumption, end to end: `python launch.py` in subprocesses that are killed,
+signalled or fed damaged checkpoints, compared with an uninterrupted run.
+
+Exactness is bitwise (==) on CPU in fp32: resuming restores every input of the next step (weights,
+AdamW moments, LR schedule, data position and RNG of every rank, BatchNorm statistics), and the
+computation itself is deterministic, so there is nothing to tolerate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT, TINY, describe, launch, read_metrics, train_losses
+
+pytestmark = pytest.mark.slow
+
+STEPS = 12
+# decay_steps is pinned so that the schedule does not depend on max_steps (which may change on resume).
+COMMON = TINY + ["trainer.log_every=1", "trainer.eval_every=0", "checkpoint.every_steps=4",
+                 f"trainer.max_steps={STEPS}", f"optim.decay_steps={STEPS}", "optim.warmup_steps=2",
+                 "tracking.enabled=false", "checkpoint.keep_last=0"]
+TWO = ["cluster.nproc_per_node=2", "parallel.dp=2", "parallel.zero_stage=1"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache):
+    """Uninterrupted runs, one per layout."""
+    out = {}
+    for name, extra in (("one", []), ("two", TWO)):
+        root = tmp_path_factory.mktemp(f"ref_{name}")
+        proc = launch(COMMON + extra + [f"run.root={root}", f"data.cache_dir={cache}"], cwd=root)
+        assert proc.returncode == 0, describe(proc)
+        out[name] = train_losses(root / "default")
+        assert sorted(out[name]) == list(range(1, STEPS + 1))
+    return out
+
+
+def _args(tmp_path, cache, extra=()):
+    return COMMON + list(extra) + [f"run.root={tmp_path}/runs", f"data.cache_dir={cache}"]
+
+
+def _complete(run_dir: Path) -> list[str]:
+    ckpt = run_dir / "checkpoints"
+    return sorted(p.name for p in ckpt.iterdir() if (p / "manifest.json").exists()) if ckpt.exists() else []
+
+
+@pytest.mark.parametrize("layout,kill_at,resumed_from", [
+    ("one", "step4", 4),             # killed right after a save
+    ("one", "step7", 4),             # killed right before one
+    # A stop signal that arrives after step N completes is acted on at the end of step N+1, the
+    # step during which it arrived: that step finishes, all ranks save, the run exits 75.
+    ("one", "step6::TERM", 7),
+    ("two", "step5", 4),
+    ("two", "step6:1:USR2", 7),      # one rank signalled: every rank stops and saves together
+])
+def test_interrupted_run_resumes_bitwise(tmp_path, cache, reference, layout, kill_at, resumed_from):
+    extra = TWO if layout == "two" else []
+    first = launch(_args(tmp_path, cache, extra), cwd=tmp_path, extra_env={"PEERLAB_TEST_KILL_AT": kill_at})
+    if "TERM" in kill_at or "USR2" in kill_at:
+        assert first.returncode == 75, describe(first)
+        assert "stopped by a signal" in first.stdout + first.stderr
+    else:
+        assert first.returncode != 0, describe(first)
+    run_dir = tmp_path / "runs" / "default"
+    assert _complete(run_dir)[-1] == f"step_{resumed_from:08d}"
+
+    second = launch(_args(tmp_path, cache, extra), cwd=tmp_path)
+    assert second.returncode == 0, describe(second)
+    assert f"resumed from step_{resumed_from:08d}" in second.stdout
+    steps = [m["step"] for m in read_metrics(run_dir) if "loss" in m]
+    assert steps == list(range(1, STEPS + 1)), "metrics.jsonl must hold every step once"
+    assert train_losses(run_dir) == reference[layout]
+
+
+@pytest.mark.parametrize("layout,kill_at", [
+    ("one", "file2"), ("one", "before_manifest"), ("two", "file1:1"),
+])
+def test_sigkill_during_save_resumes_from_previous_complete(tmp_path, cache, reference, layout, kill_at):
+    extra = TWO if layout == "two" else []
+    first = launch(_args(tmp_path, cache, extra + ["trainer.max_steps=7"]), cwd=tmp_path)
+    assert first.returncode == 0, describe(first)  # complete checkpoints at 4 and 7 (the end)
+    second = launch(_args(tmp_path, cache, extra + ["trainer.max_steps=10", "checkpoint.every_steps=3"]),
+                    cwd=tmp_path, extra_env={"PEERLAB_TEST_KILL_AT": kill_at})
+    assert second.returncode != 0, describe(second)  # killed while saving step 9
+    run_dir = tmp_path / "runs" / "default"
+    assert _complete(run_dir)[-1] == "step_00000007"
+    assert (run_dir / "checkpoints" / "step_00000009").exists(), "the killed save left its partial files"
+    third = launch(_args(tmp_path, cache, extra), cwd=tmp_path)
+    assert third.returncode == 0, describe(third)
+    assert "resumed from step_00000007" in third.stdout
+    assert train_losses(run_dir) == reference[layout]
+    assert not (run_dir / "checkpoints" / "step_00000009").exists() or \
+        (run_dir / "checkpoints" / "step_00000009" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_damaged_latest_checkpoint_falls_back(tmp_path, cache, reference, damage):
+    first = launch(_args(tmp_path, cache, ["trainer.max_steps=8"]), cwd=tmp_path)
+    assert first.returncode == 0, describe(first)
+    run_dir = tmp_path / "runs" / "default"
+    victim = run_dir / "checkpoints" / "step_00000008" / "mp_rank_00_model_states.pt"
+    data = victim.read_bytes()
+    if damage == "flip":
+        victim.write_bytes(data[:1000] + bytes([data[1000] ^ 0xFF]) + data[1001:])
+    elif damage == "truncate":
+        victim.write_bytes(data[: len(data) // 2])
+    else:
+        victim.unlink()
+    second = launch(_args(tmp_path, cache), cwd=tmp_path)
+    assert second.returncode == 0, describe(second)
+    lines = [ln for ln in second.stdout.splitlines() if "is damaged" in ln]
+    assert len(lines) == 1 and "step_00000008" in lines[0] and "mp_rank_00_model_states.pt" in lines[0], second.stdout
+    assert "resumed from step_00000004" in second.stdout
+    assert train_losses(run_dir) == reference["one"]
+
+
+def test_config_change_is_refused_with_every_key(tmp_path, cache):
+    assert launch(_args(tmp_path, cache, ["trainer.max_steps=4"]), cwd=tmp_path).returncode == 0
+    proc = launch(_args(tmp_path, cache, ["model.d_ff=96", "optim.lr=1e-2", "trainer.max_steps=20",
+                                          "trainer.log_every=5"]), cwd=tmp_path)
+    assert proc.returncode == 2, describe(proc)
+    err = proc.stderr.strip().splitlines()[-1]
+    assert err.startswith("error: checkpoint.dir=") and "model.d_ff (128 -> 96)" in err and "optim.lr" in err, err
+    assert "max_steps" not in err and "log_every" not in err, "schedule length and intervals may change"
+    assert "checkpoint.resume=false" in err
+
+
+def test_load_step_and_retention(tmp_path, cache, reference):
+    args = _args(tmp_path, cache, ["checkpoint.every_steps=2", "checkpoint.keep_last=2", "trainer.max_steps=8"])
+    assert launch(args, cwd=tmp_path).returncode == 0
+    run_dir = tmp_path / "runs" / "default"
+    assert _complete(run_dir) == ["step_00000006", "step_00000008"]
+    assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step_") and
+                not (p / "manifest.json").exists()]
+    proc = launch(_args(tmp_path, cache, ["checkpoint.load_step=6"]), cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    assert "resumed from step_00000006" in proc.stdout
+    assert train_losses(run_dir) == reference["one"]
+    bad = launch(_args(tmp_path, cache, ["checkpoint.load_step=5"]), cwd=tmp_path)
+    assert bad.returncode == 2 and "checkpoint.load_step=5" in bad.stderr and "12" in bad.stderr, describe(bad)
+
+
+def test_external_sigterm_saves_and_exits_75(tmp_path, cache):
+    """A real signal from outside, as a scheduler sends it, to a running single-process run."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    args = _args(tmp_path, cache, ["trainer.max_steps=100000", "checkpoint.every_steps=0"])
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "runs" / "default" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, f"{out}\n{err}"
+    last = max(m["step"] for m in read_metrics(tmp_path / "runs" / "default"))
+    assert _complete(tmp_path / "runs" / "default") == [f"step_{last:08d}"]
+    assert "stopped by a signal" in out
+
+
+@pytest.fixture()
+def s3(tmp_path):
+    """A real S3 API: moto's server on 127.0.0.1, with a bucket made by the test."""
+    pytest.importorskip("s3fs")
+    if not shutil.which("moto_server"):
+        pytest.skip("moto_server is not installed (pip install 'moto[server]')")
+    from cluster.local import free_port
+
+    port = free_port()
+    server = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"AWS_ACCESS_KEY_ID": "test-key-id", "AWS_SECRET_ACCESS_KEY": "sup3r-s3cret-value",
+           "AWS_DEFAULT_REGION": "us-east-1", "FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    try:
+        import s3fs
+
+        deadline = time.time() + 30
+        while True:
+            try:
+                fs = s3fs.S3FileSystem(key=env["AWS_ACCESS_KEY_ID"], secret=env["AWS_SECRET_ACCESS_KEY"],
+                                       endpoint_url=env["FSSPEC_S3_ENDPOINT_URL"])
+                fs.mkdir("ckpt-bucket")
+                break
+            except Exception:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.3)
+        yield env, fs
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_s3_round_trip_and_resume(tmp_path, cache, reference, s3):
+    env, fs = s3
+    url = "s3://ckpt-bucket/runs/exp1"
+    args = _args(tmp_path, cache, [f"checkpoint.dir={url}", "tracking.enabled=true"])
+    first = launch(args, cwd=tmp_path, extra_env={**env, "PEERLAB_TEST_KILL_AT": "step6"})
+    assert first.returncode != 0, describe(first)
+    fs.invalidate_cache()
+    listed = sorted(p.rsplit("/", 1)[-1] for p in fs.ls("ckpt-bucket/runs/exp1"))
+    assert listed == ["step_00000004"], listed
+    files = sorted(p.rsplit("/", 1)[-1] for p in fs.ls("ckpt-bucket/runs/exp1/step_00000004"))
+    assert "manifest.json" in files and "rank_00000.pt" in files and "mp_rank_00_model_states.pt" in files
+    second = launch(args, cwd=tmp_path, extra_env=env)
+    assert second.returncode == 0, describe(second)
+    assert "resumed from step_00000004" in second.stdout
+    run_dir = tmp_path / "runs" / "default"
+    assert train_losses(run_dir) == reference["one"]
+    # Credentials never reach logs, saved configs, manifests or MLflow.
+    secret = env["AWS_SECRET_ACCESS_KEY"]
+    assert secret not in first.stdout + first.stderr + second.stdout + second.stderr
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+    manifest = json.loads(fs.cat_file("ckpt-bucket/runs/exp1/step_00000012/manifest.json"))
+    assert secret not in json.dumps(manifest)
+    assert secret.encode() not in (tmp_path / "runs" / "mlflow.db").read_bytes()
