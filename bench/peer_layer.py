@@ -4,23 +4,38 @@
     python bench/peer_layer.py --device cuda        # GPU config (T=16384, d=1024, N=1024^2, bf16) + bandwidth
     python bench/peer_layer.py --tokens 512 --d-model 128 --num-experts 16384   # any size
 
-Two workloads per implementation:
-  layer    the whole PEER module (query net, BatchNorm, product-key retrieval, gates, experts)
-  experts  model.kernels.peer_expert_mix alone (fixed random indices and gates): the part the
-           kernels replace, and the one the bandwidth accounting describes
+Workloads (each for impl=reference and impl=fused):
+  layer       the whole PEER module (query net, BatchNorm, product-key retrieval, gates, experts)
+  layer-nouv  the same with U and V frozen (requires_grad False): no dense [N, d] U/V gradients
+              are allocated, everything else (dx, query net, BatchNorm and key gradients) is;
+              shows the layer's own working set without the 2 x N x d gradient buffers that
+              both impls must allocate (DeepSpeed/AdamW take dense grads)
+  experts     model.kernels.peer_expert_mix alone (fixed random indices and gates): the part the
+              kernels replace, and the one the bandwidth accounting describes
+Every pass starts with all gradients set to None (what zero_grad(set_to_none=True) leaves
+between training steps), so no pass pays for accumulating into a previous pass's gradients.
 Time: median of --iters forward+backward passes after --warmup (on CUDA forward and backward are
 timed separately with CUDA events).
-Peak memory: each (workload, impl) runs in a fresh subprocess. CPU: peak RSS growth over the
-first forward+backward (ru_maxrss after minus RSS before; inputs, parameters and the U/V
-gradient buffers of a previous pass are not there yet, so the number is the pass's own working
-set including the dense [N, d] U/V gradients that both impls allocate). glibc returns large
-blocks to the OS on free, so RSS follows live tensors. CUDA: torch.cuda.max_memory_allocated
-growth over the pass.
+Peak memory: each (workload, impl) runs in a fresh subprocess. CPU, two numbers:
+  peak RSS  growth of the resident set over one steady-state forward+backward: one pass first
+            (it pays one-off costs: library code paged in, thread pools, BLAS/oneDNN buffers),
+            its gradients dropped, free heap memory returned to the OS (glibc malloc_trim), then the
+            kernel's high-water mark reset (/proc/self/clear_refs) and VmHWM after the second
+            pass minus RSS before it. Where clear_refs cannot be
+            written, the first pass's ru_maxrss growth (one-off costs included). Includes what
+            the allocator keeps and op-internal temporaries (glibc returns freed blocks above its
+            mmap threshold, which adapts up to 32 MiB, to the OS; smaller ones may stay resident).
+  tensors   peak of the summed sizes of live tensors created by aten ops during one more such
+            pass (a TorchDispatchMode tracks each output storage until it is freed): independent
+            of the allocator, but blind to temporaries inside an op.
+CUDA: torch.cuda.max_memory_allocated growth over the pass.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import math
 import os
@@ -29,6 +44,7 @@ import statistics
 import subprocess
 import sys
 import time
+import weakref
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -47,20 +63,89 @@ def current_rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def hwm_reset() -> bool:
+    """Reset this process's peak-RSS mark (VmHWM); False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def hwm_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def malloc_trim() -> None:
+    """Give the heap's free memory back to the OS (glibc), so that the next pass's growth in RSS
+    counts its own allocations rather than reusing pages the previous pass left resident."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def tensor_peak_bytes(step) -> int:
+    """Peak summed bytes of the live tensors that aten ops create during one pass."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    live, state = {}, {"now": 0, "peak": 0}
+
+    def freed(key):
+        state["now"] -= live.pop(key)
+
+    class Track(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                    storage = t.untyped_storage()
+                    key = storage.data_ptr()
+                    if storage.nbytes() and key not in live:
+                        live[key] = storage.nbytes()
+                        state["now"] += storage.nbytes()
+                        state["peak"] = max(state["peak"], state["now"])
+                        weakref.finalize(storage, freed, key)
+            return out
+
+    with Track():
+        y, backward = step()
+        backward()
+        del y, backward
+    gc.collect()
+    return state["peak"]
+
+
 def build(args, workload, impl, device, dtype):
     torch.manual_seed(0)
     T, D, N, H, K = args.tokens, args.d_model, args.num_experts, args.heads, args.top_k
     x = torch.randn(T, D, device=device, dtype=dtype)
     grad_y = torch.randn(T, D, device=device, dtype=dtype)
-    if workload == "layer":
+    if workload in ("layer", "layer-nouv"):
         cfg = PeerConfig(num_experts=N, num_heads=H, top_k=K, d_key=args.d_key, query_batchnorm=True,
                          activation="relu", impl=impl)
         layer = PEER(D, cfg, init_std=0.02).to(device=device, dtype=dtype)
+        if workload == "layer-nouv":
+            layer.expert_down.weight.requires_grad_(False)
+            layer.expert_up.weight.requires_grad_(False)
         x.requires_grad_()
 
+        def zero_grad():
+            x.grad = None
+            layer.zero_grad(set_to_none=True)
+
         def step():
+            zero_grad()
             y = layer(x)
             return y, lambda: y.backward(grad_y)
+
+        step.zero_grad = zero_grad
 
         return step
     down = (torch.randn(N, D, device=device, dtype=dtype) / math.sqrt(D)).requires_grad_()
@@ -70,11 +155,16 @@ def build(args, workload, impl, device, dtype):
     x.requires_grad_()
     leaves = (x, down, up, gates)
 
-    def step():
+    def zero_grad():
         for t in leaves:
             t.grad = None
+
+    def step():
+        zero_grad()
         y = peer_expert_mix(x, down, up, gates, idx, "relu", impl)
         return y, lambda: y.backward(grad_y)
+
+    step.zero_grad = zero_grad
 
     return step
 
@@ -85,20 +175,32 @@ def run_one(args, workload, impl) -> dict:
     dtype = getattr(torch, args.dtype)
     step = build(args, workload, impl, device, dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    tensor_peak = None
     if device.type == "cuda":
         sync()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
+        y, backward = step()
+        backward()
+        sync()
+        peak = torch.cuda.max_memory_allocated() - before
+        del y, backward
     else:
         before = current_rss_bytes()
-    y, backward = step()
-    backward()
-    sync()
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() - before
-    else:
+        y, backward = step()
+        backward()
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-    del y, backward
+        del y, backward
+        step.zero_grad()
+        gc.collect()
+        malloc_trim()
+        before = current_rss_bytes()
+        if hwm_reset():
+            y, backward = step()
+            backward()
+            peak = hwm_bytes() - before
+            del y, backward
+        tensor_peak = tensor_peak_bytes(step)
     for _ in range(args.warmup):
         y, backward = step()
         backward()
@@ -125,6 +227,7 @@ def run_one(args, workload, impl) -> dict:
             bwd.append(t2 - t1)
             total.append(t2 - t0)
     return dict(workload=workload, impl=impl, backend=resolve_impl(impl, device), peak_bytes=peak,
+                tensor_peak_bytes=tensor_peak,
                 fwd_s=statistics.median(fwd), bwd_s=statistics.median(bwd), total_s=statistics.median(total))
 
 
@@ -171,7 +274,7 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--workloads", default="layer,experts")
+    parser.add_argument("--workloads", default="layer,layer-nouv,experts")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -200,16 +303,20 @@ def main() -> None:
                 sys.exit(f"{workload}/{impl} failed:\n{out.stderr}")
             results[workload, impl] = json.loads(out.stdout.strip().splitlines()[-1])
 
-    header = f"{'workload':<8} {'impl':<18} {'fwd':>9} {'bwd':>9} {'fwd+bwd':>9} {'peak mem':>11}"
+    cpu = args.device == "cpu"
+    header = f"{'workload':<10} {'impl':<21} {'fwd':>9} {'bwd':>9} {'fwd+bwd':>9} {'peak mem':>11}"
+    header += f" {'tensors':>9}" if cpu else ""
     print(header)
     print("-" * len(header))
     for workload in args.workloads.split(","):
         ref, fused = results[workload, "reference"], results[workload, "fused"]
         for r in (ref, fused):
-            print(f"{workload:<8} {r['impl'] + ' (' + r['backend'] + ')':<18} {r['fwd_s'] * 1e3:7.1f}ms "
-                  f"{r['bwd_s'] * 1e3:7.1f}ms {r['total_s'] * 1e3:7.1f}ms {fmt_bytes(r['peak_bytes']):>11}")
-        print(f"{workload:<8} {'ratio ref/fused':<18} {ref['fwd_s'] / fused['fwd_s']:8.2f}x {ref['bwd_s'] / fused['bwd_s']:8.2f}x "
-              f"{ref['total_s'] / fused['total_s']:8.2f}x {ref['peak_bytes'] / max(fused['peak_bytes'], 1):10.2f}x")
+            print(f"{workload:<10} {r['impl'] + ' (' + r['backend'] + ')':<21} {r['fwd_s'] * 1e3:7.1f}ms "
+                  f"{r['bwd_s'] * 1e3:7.1f}ms {r['total_s'] * 1e3:7.1f}ms {fmt_bytes(r['peak_bytes']):>11}"
+                  + (f" {fmt_bytes(r['tensor_peak_bytes']):>9}" if cpu else ""))
+        print(f"{workload:<10} {'ratio ref/fused':<21} {ref['fwd_s'] / fused['fwd_s']:8.2f}x {ref['bwd_s'] / fused['bwd_s']:8.2f}x "
+              f"{ref['total_s'] / fused['total_s']:8.2f}x {ref['peak_bytes'] / max(fused['peak_bytes'], 1):10.2f}x"
+              + (f" {ref['tensor_peak_bytes'] / max(fused['tensor_peak_bytes'], 1):8.2f}x" if cpu else ""))
     if args.device == "cuda" and ("experts", "fused") in results:
         elem = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
         fwd_bytes, bwd_bytes, overhead = must_move_bytes(args, elem)

@@ -30,8 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ACTIVATIONS, PEER_IMPLS, PeerConfig
-from model.kernels import peer_expert_mix
-from model.product_keys import product_key_topk
+from model.kernels import peer_expert_mix, product_key_retrieval
 
 _ACTIVATION_FNS = {"relu": F.relu, "gelu": F.gelu}
 
@@ -197,9 +196,13 @@ class PEER(nn.Module):
         return q_TF.view(x_TD.shape[0], self.num_heads, self.d_key)
 
     def route(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Retrieve experts: (gates_THK, idx_THK), gates a softmax over each head's k scores."""
+        """Retrieve experts: (gates_THK, idx_THK), gates a softmax over each head's k scores.
+
+        Product keys by `self.impl` too: "reference" is model/product_keys.py's plain autograd,
+        fused/auto the chunked retrieval (model/kernels/retrieval.py); same experts, same scores.
+        """
         q_THQ = self.queries(x_TD)
-        scores_THK, idx_THK = product_key_topk(q_THQ, self.sub_keys1, self.sub_keys2, self.top_k)
+        scores_THK, idx_THK = product_key_retrieval(q_THQ, self.sub_keys1, self.sub_keys2, self.top_k, self.impl)
         gates_THK = torch.softmax(scores_THK, dim=-1)
         return gates_THK, idx_THK
 

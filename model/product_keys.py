@@ -30,6 +30,35 @@ def _half_scores(q_THD2: torch.Tensor, keys_SD2: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"sub-keys must be [S, d_key/2] or [H, S, d_key/2], got shape {tuple(keys_SD2.shape)}")
 
 
+def check_product_key_inputs(
+    q_THD: torch.Tensor, keys1_SD2: torch.Tensor, keys2_SD2: torch.Tensor, top_k: int
+) -> int:
+    """Raise ValueError unless the shapes fit `product_key_topk`; return S = sqrt(N).
+
+    Shared by the fused retrieval (model/kernels/retrieval.py), so both reject the same inputs.
+    """
+    if q_THD.dim() != 3:
+        raise ValueError(f"queries must be [T, H, d_key], got shape {tuple(q_THD.shape)}")
+    d_key = q_THD.shape[-1]
+    if d_key % 2:
+        raise ValueError(f"d_key must be even to split into two halves, got {d_key}")
+    num_sub_keys = keys1_SD2.shape[-2]
+    if keys2_SD2.shape != keys1_SD2.shape or keys1_SD2.shape[-1] != d_key // 2:
+        raise ValueError(
+            f"sub-key tables must both be [..., S, {d_key // 2}], got {tuple(keys1_SD2.shape)} "
+            f"and {tuple(keys2_SD2.shape)}"
+        )
+    if keys1_SD2.dim() not in (2, 3):
+        raise ValueError(f"sub-keys must be [S, d_key/2] or [H, S, d_key/2], got shape {tuple(keys1_SD2.shape)}")
+    if keys1_SD2.dim() == 3 and keys1_SD2.shape[0] != q_THD.shape[1]:
+        raise ValueError(
+            f"per-head sub-keys [H, S, d_key/2] need H = {q_THD.shape[1]} heads, got shape {tuple(keys1_SD2.shape)}"
+        )
+    if not 1 <= top_k <= num_sub_keys:
+        raise ValueError(f"top_k must be in [1, sqrt(N) = {num_sub_keys}], got {top_k}")
+    return num_sub_keys
+
+
 def product_key_topk(
     q_THD: torch.Tensor,
     keys1_SD2: torch.Tensor,
@@ -45,20 +74,8 @@ def product_key_topk(
     indices i1 * S + i2 (int64, in [0, S^2)). Scores are differentiable with respect to the
     queries and the sub-keys; indices are not.
     """
-    if q_THD.dim() != 3:
-        raise ValueError(f"queries must be [T, H, d_key], got shape {tuple(q_THD.shape)}")
+    num_sub_keys = check_product_key_inputs(q_THD, keys1_SD2, keys2_SD2, top_k)
     d_key = q_THD.shape[-1]
-    if d_key % 2:
-        raise ValueError(f"d_key must be even to split into two halves, got {d_key}")
-    num_sub_keys = keys1_SD2.shape[-2]
-    if keys2_SD2.shape != keys1_SD2.shape or keys1_SD2.shape[-1] != d_key // 2:
-        raise ValueError(
-            f"sub-key tables must both be [..., S, {d_key // 2}], got {tuple(keys1_SD2.shape)} "
-            f"and {tuple(keys2_SD2.shape)}"
-        )
-    if not 1 <= top_k <= num_sub_keys:
-        raise ValueError(f"top_k must be in [1, sqrt(N) = {num_sub_keys}], got {top_k}")
-
     q1_THD2, q2_THD2 = q_THD.split(d_key // 2, dim=-1)
     scores1_THS = _half_scores(q1_THD2, keys1_SD2)
     scores2_THS = _half_scores(q2_THD2, keys2_SD2)

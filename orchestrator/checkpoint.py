@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -220,6 +221,10 @@ def _any(flag: bool) -> bool:
 # ----------------------------------------------------------------------------- manager
 
 
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint file asks to run code (or to build an object we do not allow) when loaded."""
+
+
 @dataclass
 class CheckpointInfo:
     tag: str
@@ -404,11 +409,16 @@ class CheckpointManager:
                 shutil.rmtree(temp_dir, ignore_errors=True)
             return None
         _install_safe_loader(engine)
-        path, client_state = engine.load_checkpoint(parent, tag=info.tag, load_optimizer_states=True,
-                                                    load_lr_scheduler_states=True)
+        try:
+            path, client_state = engine.load_checkpoint(parent, tag=info.tag, load_optimizer_states=True,
+                                                        load_lr_scheduler_states=True)
+            rank_state = safe_load(os.path.join(parent, info.tag, mine))
+        except pickle.UnpicklingError as exc:
+            reason = str(exc).split("Unsupported global: ")[-1].splitlines()[0][:200]
+            raise UnsafeCheckpointError(f"refusing to load {info.tag} from {self.storage.display()}: it holds "
+                                        f"objects outside the weights-only allow-list ({reason})") from None
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load {info.tag} from {self.storage.display()}")
-        rank_state = safe_load(os.path.join(parent, info.tag, mine))
         set_rng_state(rank_state.pop("rng"))
         if temp_dir:
             shutil.rmtree(temp_dir, ignore_errors=True)

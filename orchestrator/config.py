@@ -87,12 +87,29 @@ class TrackingConfig:
     enabled: bool = doc("log to MLflow on rank 0")
     uri: Optional[str] = doc("MLflow tracking URI; null means sqlite:///<run.root>/mlflow.db")
     experiment: str = doc("MLflow experiment name")
+    tags: list = doc("extra MLflow run tags as 'key=value' strings; a sweep adds sweep.id, sweep.num and sweep.overrides")
 
 
 @dataclass
 class ClusterConfig:
-    kind: str = doc("where processes run: local")
-    nproc_per_node: int = doc("processes on this machine (one per GPU, or CPU ranks with gloo)")
+    kind: str = doc("where processes run: local (this machine) or slurm (a batch job submitted through submitit)")
+    nproc_per_node: int = doc("processes per node, one per GPU or CPU ranks with gloo (Slurm: --ntasks-per-node); world size = nodes x nproc_per_node")
+    nodes: int = doc("machines (Slurm: --nodes); 1 for local")
+    gpus_per_node: int = doc("GPUs per node, at most nproc_per_node (Slurm: --gpus-per-node); 0 requests none")
+    cpus_per_task: Optional[int] = doc("CPU cores per process (Slurm: --cpus-per-task); null: the cluster's default")
+    mem_gb: Optional[int] = doc("memory per node in GB (Slurm: --mem); null: the cluster's default")
+    partition: Optional[str] = doc("Slurm partition (--partition); null: the cluster's default partition")
+    account: Optional[str] = doc("Slurm account to charge (--account); null: your default account")
+    qos: Optional[str] = doc("Slurm quality of service (--qos); null: the default")
+    constraint: Optional[str] = doc("Slurm node features required (--constraint), e.g. a100")
+    exclusive: bool = doc("take whole nodes (Slurm: --exclusive)")
+    time_min: int = doc("time limit of the Slurm job in minutes (--time); a job that reaches it saves and is requeued")
+    signal_delay_s: int = doc("seconds before the time limit at which Slurm sends USR2 (save, then requeue)")
+    max_requeues: int = doc("times a Slurm job may be requeued after preemption or its time limit; then it stops and says how to resume")
+    extra_sbatch: list = doc("more sbatch options as 'name=value' or 'name' strings, e.g. ['reservation=big', 'mail-type=END']")
+    setup: list = doc("shell lines the Slurm batch script runs before starting the processes, e.g. ['module load cuda']")
+    wait: bool = doc("Slurm: stream rank 0's log until the job ends and exit with its status; false returns once submitted")
+    dry_run: bool = doc("print what would run (for Slurm the sbatch script) and the resolved config; submit and start nothing")
 
 
 @dataclass
@@ -109,7 +126,7 @@ class TrainConfig:
 
     @property
     def world_size(self) -> int:
-        return self.cluster.nproc_per_node
+        return self.cluster.nodes * self.cluster.nproc_per_node
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -366,7 +383,8 @@ def _validate_parallel(cfg: TrainConfig) -> None:
     if product != world:
         raise ConfigError("parallel.dp", p.dp,
                           f"dp={p.dp} x tp={p.tp} x pp={p.pp} = {product} but the world size is {world} "
-                          f"(cluster.nproc_per_node={cfg.cluster.nproc_per_node})",
+                          + (f"(cluster.nodes={cfg.cluster.nodes} x cluster.nproc_per_node={cfg.cluster.nproc_per_node})"
+                             if cfg.cluster.nodes > 1 else f"(cluster.nproc_per_node={cfg.cluster.nproc_per_node})"),
                           f"set parallel.dp={world // (p.tp * p.pp) if world % (p.tp * p.pp) == 0 else world} "
                           f"or cluster.nproc_per_node={product}")
     if p.dp % p.ep:
@@ -400,8 +418,7 @@ def _validate_parallel(cfg: TrainConfig) -> None:
 
 
 def _validate_io(cfg: TrainConfig) -> None:
-    _one_of("cluster.kind", cfg.cluster.kind, ("local",))
-    _positive("cluster.nproc_per_node", cfg.cluster.nproc_per_node)
+    _validate_cluster(cfg.cluster)
     _positive("checkpoint.every_steps", cfg.checkpoint.every_steps, 0)
     _positive("checkpoint.keep_last", cfg.checkpoint.keep_last, 0)
     if cfg.checkpoint.load_step is not None:
@@ -422,6 +439,44 @@ def _validate_io(cfg: TrainConfig) -> None:
         section, name = key.split(".")
         if not getattr(getattr(cfg, section), name):
             raise ConfigError(key, "", "is empty", f"set {key}")
+
+
+def _validate_cluster(c: ClusterConfig) -> None:
+    """Placement requests that cannot work; what only Slurm knows (partitions, limits) is checked
+    by cluster/slurm.py before submitting."""
+    _one_of("cluster.kind", c.kind, ("local", "slurm"))
+    _positive("cluster.nproc_per_node", c.nproc_per_node)
+    _positive("cluster.nodes", c.nodes)
+    _positive("cluster.gpus_per_node", c.gpus_per_node, 0)
+    if c.kind == "local" and c.nodes != 1:
+        raise ConfigError("cluster.nodes", c.nodes, "a local run uses this one machine",
+                          "set cluster.nodes=1, or cluster=slurm to run on several nodes")
+    if c.gpus_per_node > c.nproc_per_node:
+        raise ConfigError("cluster.gpus_per_node", c.gpus_per_node,
+                          f"more GPUs per node than processes (cluster.nproc_per_node={c.nproc_per_node}); "
+                          "each process drives one GPU",
+                          f"set cluster.nproc_per_node={c.gpus_per_node} (one per GPU) or cluster.gpus_per_node={c.nproc_per_node}")
+    for key in ("cpus_per_task", "mem_gb"):
+        if getattr(c, key) is not None:
+            _positive(f"cluster.{key}", getattr(c, key))
+    _positive("cluster.time_min", c.time_min)
+    _positive("cluster.signal_delay_s", c.signal_delay_s, 0)
+    if c.signal_delay_s >= c.time_min * 60:
+        raise ConfigError("cluster.signal_delay_s", c.signal_delay_s,
+                          f"is not shorter than the time limit (cluster.time_min={c.time_min} minutes): the job "
+                          "would be told to stop as it starts",
+                          f"set cluster.signal_delay_s below {c.time_min * 60} or raise cluster.time_min")
+    _positive("cluster.max_requeues", c.max_requeues, 0)
+    for key in ("extra_sbatch", "setup"):
+        bad = [x for x in getattr(c, key) if not isinstance(x, str) or not x.strip()]
+        if bad:
+            raise ConfigError(f"cluster.{key}", getattr(c, key), f"holds {bad[0]!r}, not a non-empty string",
+                              f"write cluster.{key}='[\"...\"]' with one string per entry")
+    for option in c.extra_sbatch:
+        name = option.lstrip("-").split("=", 1)[0]
+        if not name or " " in name:
+            raise ConfigError("cluster.extra_sbatch", c.extra_sbatch, f"{option!r} is not an sbatch option",
+                              "write options as 'name=value' or 'name', e.g. 'reservation=big'")
 
 
 def _divisors(n: int) -> str:

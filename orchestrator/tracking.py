@@ -74,6 +74,10 @@ class Reporter:
             run = mlflow.start_run(run_name=self._run_name)
         self._mlflow = mlflow
         self.mlflow_run_id = run.info.run_id
+        # tracking.tags ('key=value'): the sweep id and a point's overrides, or the user's own.
+        tags = dict(t.split("=", 1) if "=" in t else (t, "") for t in getattr(self._tracking, "tags", []))
+        if tags:
+            mlflow.set_tags(tags)
         self.print(f"mlflow: experiment {self._tracking.experiment!r}, run {self.mlflow_run_id} at {redact(uri)}")
 
     def close(self, status: str = "FINISHED") -> None:

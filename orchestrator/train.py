@@ -31,7 +31,8 @@ def train_main(cfg_dict: dict) -> None:
         cfg = load_config(cfg_dict)
         stopped = Trainer(cfg).run()
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        if int(os.environ.get("RANK", "0")) == 0:  # every rank refuses alike; one line is enough
+            print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(USER_ERROR_EXIT_CODE)
     if stopped:
         sys.exit(REQUEUE_EXIT_CODE)
@@ -178,11 +179,19 @@ class Trainer:
     def _rank_state(self) -> dict:
         """Extra state this rank saves in its own checkpoint file (beside RNG and data position);
         for state that differs per rank and that DeepSpeed does not save."""
-        return {"expert_parallel": self._expert_rank_state()}
+        # Buffers (PEER's BatchNorm running statistics) are updated from each rank's own batches
+        # and differ across data-parallel ranks; DeepSpeed saves rank 0's module only.
+        buffers = {n: b.detach().cpu().clone() for n, b in self.engine.module.named_buffers()}
+        return {"expert_parallel": self._expert_rank_state(), "buffers": buffers}
 
     def _load_rank_state(self, state: dict) -> None:
         """Restore what _rank_state() saved, after DeepSpeed has loaded its part."""
         self._load_expert_rank_state(state.get("expert_parallel", {}))
+        saved = state.get("buffers", {})
+        with torch.no_grad():
+            for name, buf in self.engine.module.named_buffers():
+                if name in saved:
+                    buf.copy_(saved[name].to(buf.device))
 
     def _announce(self, resumed: bool) -> None:
         r, c = self.reporter, self.cfg

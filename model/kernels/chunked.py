@@ -15,6 +15,10 @@ with no per-token copies of rows (an index_add_ over chunked products is the fal
 not sparse, gradients: the reference's nn.Embedding gives dense ones too, and DeepSpeed's
 optimizers and ZeRO expect dense grads.
 
+The halves on their own (`ChunkedGatheredDot`, `ChunkedWeightedGatherSum`, for the
+expert-parallel layer) are built from the same three pieces: `gathered_dots`, `weighted_rows_sum`
+(embedding_bag with per-sample weights) and `rows_grad`.
+
 Measured on a 2-core CPU (bench/RESULTS.md): the scratch budget hardly matters between 8 and 64
 tokens per chunk at T=2048, H*K=128, d=256 (within 3%); what matters is reusing the buffer
 (fresh allocations of that size page-fault on every chunk and cost 2x).
@@ -51,6 +55,12 @@ def gathered_dots(weight_ND: torch.Tensor, idx_TM: torch.Tensor, x_TD: torch.Ten
         torch.index_select(weight_ND, 0, idx_TM[start:stop].reshape(-1), out=rows)
         torch.bmm(rows.view(n, num_rows, d_model), x_TD[start:stop].unsqueeze(-1), out=dots_TM[start:stop].view(n, num_rows, 1))
     return dots_TM
+
+
+def weighted_rows_sum(weight_ND: torch.Tensor, idx_TM: torch.Tensor, weights_TM: torch.Tensor) -> torch.Tensor:
+    """sum_TD[t] = sum_m weights[t, m] weight[idx[t, m]]: one embedding_bag with per-sample
+    weights, no gathered rows (in the table's dtype)."""
+    return F.embedding_bag(idx_TM, weight_ND, per_sample_weights=weights_TM.to(weight_ND.dtype), mode="sum")
 
 
 def _offsets(num_tokens: int, num_rows: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,7 +110,7 @@ class ChunkedPeerMix(torch.autograd.Function):
         gates_TM = gates_THK.reshape(num_tokens, num_heads * top_k)
         pre_TM = gathered_dots(down_ND, idx_TM, x_TD)
         weights_TM = (gates_TM * ACTIVATION_FNS[activation](pre_TM)).to(up_ND.dtype)
-        y_TD = F.embedding_bag(idx_TM, up_ND, per_sample_weights=weights_TM, mode="sum")
+        y_TD = weighted_rows_sum(up_ND, idx_TM, weights_TM)
         ctx.save_for_backward(x_TD, down_ND, up_ND, gates_TM, idx_TM, pre_TM)
         ctx.activation = activation
         ctx.gates_shape = gates_THK.shape
@@ -120,8 +130,7 @@ class ChunkedPeerMix(torch.autograd.Function):
                 grad_gates = (grad_w_TM * act_TM).to(gates_TM.dtype).view(ctx.gates_shape)
             grad_pre_TM = _activation_grad(grad_w_TM * gates_TM, pre_TM, ctx.activation)
             if need_x:
-                grad_x = F.embedding_bag(idx_TM, down_ND, per_sample_weights=grad_pre_TM.to(down_ND.dtype), mode="sum")
-                grad_x = grad_x.to(x_TD.dtype)
+                grad_x = weighted_rows_sum(down_ND, idx_TM, grad_pre_TM).to(x_TD.dtype)
             if need_down:
                 grad_down = rows_grad(x_TD.to(down_ND.dtype), idx_TM, grad_pre_TM, down_ND.shape[0])
         if need_up:
@@ -131,3 +140,59 @@ class ChunkedPeerMix(torch.autograd.Function):
 
 def chunked_expert_mix(x_TD, down_weight_ND, up_weight_ND, gates_THK, idx_THK, activation):
     return ChunkedPeerMix.apply(x_TD, down_weight_ND, up_weight_ND, gates_THK, idx_THK, activation)
+
+
+# The two halves of the expert compute as separate differentiable ops (the expert-parallel layer
+# sums the dots over ranks between them). The same pieces as ChunkedPeerMix: chunked gathered
+# dots, embedding_bag sums with per-sample weights, and rows_grad for the table gradient.
+
+
+class ChunkedGatheredDot(torch.autograd.Function):
+    """s[t, m] = table[idx[t, m]] . x[t]; keeps only x, table and idx for backward."""
+
+    @staticmethod
+    def forward(ctx, x_TD, table_ND, idx_TM):
+        ctx.save_for_backward(x_TD, table_ND, idx_TM)
+        return gathered_dots(table_ND, idx_TM, x_TD).to(x_TD.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_s_TM):
+        x_TD, table_ND, idx_TM = ctx.saved_tensors
+        need_x, need_table = ctx.needs_input_grad[:2]
+        grad_x = grad_table = None
+        if need_x:  # dx[t] = sum_m ds[t, m] table[idx[t, m]]
+            grad_x = weighted_rows_sum(table_ND, idx_TM, grad_s_TM).to(x_TD.dtype)
+        if need_table:  # dtable[i] += ds[t, m] x[t] for every (t, m) with idx = i
+            grad_table = rows_grad(x_TD.to(table_ND.dtype), idx_TM, grad_s_TM, table_ND.shape[0])
+        return grad_x, grad_table, None
+
+
+class ChunkedWeightedGatherSum(torch.autograd.Function):
+    """y[t] = sum_m w[t, m] table[idx[t, m]]; keeps only w, table and idx for backward."""
+
+    @staticmethod
+    def forward(ctx, w_TM, table_ND, idx_TM):
+        ctx.save_for_backward(w_TM, table_ND, idx_TM)
+        return weighted_rows_sum(table_ND, idx_TM, w_TM).to(w_TM.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y_TD):
+        w_TM, table_ND, idx_TM = ctx.saved_tensors
+        need_w, need_table = ctx.needs_input_grad[:2]
+        grad_y_TD = grad_y_TD.contiguous()
+        grad_w = grad_table = None
+        if need_w:  # dw[t, m] = dy[t] . table[idx[t, m]]
+            grad_w = gathered_dots(table_ND, idx_TM, grad_y_TD).to(w_TM.dtype)
+        if need_table:  # dtable[i] += w[t, m] dy[t]
+            grad_table = rows_grad(grad_y_TD.to(table_ND.dtype), idx_TM, w_TM, table_ND.shape[0])
+        return grad_w, grad_table, None
+
+
+def chunked_gathered_dot(x_TD, table_ND, idx_TM):
+    return ChunkedGatheredDot.apply(x_TD, table_ND, idx_TM)
+
+
+def chunked_weighted_gather_sum(w_TM, table_ND, idx_TM):
+    return ChunkedWeightedGatherSum.apply(w_TM, table_ND, idx_TM)

@@ -17,8 +17,14 @@ Per forward, with E ranks in the group, T_j tokens on rank j, c = d/E columns on
 Every exchange is `AllToAll` (autograd: the backward is the reverse exchange with swapped split
 sizes, so gradients of x, gates (hence keys and query nets), U and V flow exactly as in the
 unsharded layer). All use all_to_all_single with split sizes (gloo's list form fails on uneven
-sizes, STACK.md). No dense token x expert mask exists anywhere: the largest tensors are the
-gathered row slices [T_all, H, K, c], the same T*H*K*d numbers per rank as the unsharded layer.
+sizes, STACK.md). No dense token x expert mask exists anywhere.
+
+Steps 3 and 5 run the fused kernels of model/kernels/ selected by the layer's `impl`, as the
+unsharded layer does: `gathered_dot` (partial dots of the local column slice of U) and
+`weighted_gather_sum` (weighted sum of the local slice of V), on the local [N, C] tables with the
+group's global row indices. With impl=fused/auto no [A, M, C] gathered rows exist (chunked on CPU,
+Triton on CUDA); with impl=reference they are gathered and kept for backward, T*H*K*d numbers
+per rank as in the unsharded reference.
 
 Legend (shape suffixes): T local tokens, A all tokens of the ep group (sum of T_j), D d_model,
 C d_model / E columns held here, H heads, K top_k, M = H*K, E ranks of the ep group.
@@ -31,6 +37,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from model.kernels import gathered_dot, weighted_gather_sum
 from model.peer import PEER
 
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
@@ -190,16 +197,14 @@ class DimShardedPEER(PEER):
         idx_TM = idx_THK.reshape(num_tokens, num_retrieved).to(torch.int32)
         idx_AM = exchange(idx_TM.repeat(ep, 1), rows_from, mine, group, stats).long()
         # 3. partial dots over the local columns, summed at each token's owner.
-        u_AMC = self.expert_down(idx_AM)
-        part_AM = torch.einsum("amc,ac->am", u_AMC, x_AC)
+        part_AM = gathered_dot(x_AC, self.expert_down.weight, idx_AM, self.impl)
         part_ETM = all_to_all(part_AM, mine, rows_from, group, stats)
         pre_TM = part_ETM.view(ep, num_tokens, num_retrieved).sum(0)
         # 4. weights w = gate * act(u . x) at the owner, then to every rank.
         w_TM = gates_THK.reshape(num_tokens, num_retrieved) * self._act(pre_TM)
         w_AM = all_to_all(w_TM.repeat(ep, 1), rows_from, mine, group, stats)
         # 5. output slices for every group token, back to the owners: [E * T, C] -> [T, D].
-        v_AMC = self.expert_up(idx_AM)
-        y_AC = torch.einsum("am,amc->ac", w_AM, v_AMC)
+        y_AC = weighted_gather_sum(w_AM, self.expert_up.weight, idx_AM, self.impl)
         y_ETC = all_to_all(y_AC, mine, rows_from, group, stats)
         return y_ETC.view(ep, num_tokens, self.cols).transpose(0, 1).reshape(num_tokens, self.d_model)
 

@@ -88,6 +88,15 @@ BAD_OVERRIDES = [
     (["model=foo"], "model=foo", "dense, moe, peer, peer_1m"),
     (["experiment=nope"], "experiment=nope", "default"),
     (["trainer.max_steps=[1"], "trainer.max_steps=[1", "key=value"),
+    (["cluster.kind=pbs"], "cluster.kind='pbs'", "local, slurm"),
+    (["cluster.gpus_per_node=2"], "cluster.gpus_per_node=2", "cluster.nproc_per_node=2"),
+    (["cluster.nodes=2", "parallel.dp=2"], "cluster.nodes=2", "cluster=slurm"),
+    (["cluster=slurm", "cluster.nodes=2"], "parallel.dp=1", "parallel.dp=2"),
+    (["cluster=slurm", "cluster.time_min=1", "cluster.signal_delay_s=90"], "cluster.signal_delay_s=90", "below 60"),
+    (["cluster=slurm", "cluster.max_requeues=-1"], "cluster.max_requeues=-1", ">=0"),
+    (["cluster=slurm", "cluster.extra_sbatch=[a b]"], "cluster.extra_sbatch", "name=value"),
+    (["-m", "optim.lr=1e-3,-1"], "sweep point 1 (optim.lr=-1): optim.lr=-1", "optim.lr="),
+    (["-m", "model.peer.num_experts=1024,1000"], "sweep point 1", "1024 (32^2)"),
 ]
 
 

@@ -37,6 +37,12 @@ def close(name, a, b, tol):
     return err
 
 
+# The sharded layer's per-rank compute runs the kernels of its `impl` (model/kernels: reference
+# gathers, or the fused gathered_dot / weighted_gather_sum); every rank checks both against the
+# unsharded reference layer in one process (a second spawn per impl would double the test time).
+SHARDED_IMPLS = ("reference", "fused")
+
+
 def layer(dtype_name: str, uneven: bool) -> dict:
     dtype = getattr(torch, dtype_name)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -45,36 +51,51 @@ def layer(dtype_name: str, uneven: bool) -> dict:
                      activation="gelu", impl="reference")
     torch.manual_seed(0)
     ref = PEER(d_model, cfg, init_std=0.5).to(dtype)
-    sharded = DimShardedPEER.from_peer(copy.deepcopy(ref), dist.group.WORLD, f"ep_size_{world}")
+    shardeds = {}
+    for impl in SHARDED_IMPLS:
+        peer = copy.deepcopy(ref)
+        peer.impl = impl
+        shardeds[impl] = DimShardedPEER.from_peer(peer, dist.group.WORLD, f"ep_size_{world}")
     num_tokens = 12 + (3 * rank if uneven else 0)
     gen = torch.Generator().manual_seed(100 + rank)
     x = torch.randn(num_tokens, d_model, generator=gen, dtype=dtype)
     w = torch.randn(num_tokens, d_model, generator=gen, dtype=dtype)
-    x_ref, x_sh = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y_ref, y_sh = ref(x_ref), sharded(x_sh)
+    x_ref = x.clone().requires_grad_()
+    y_ref = ref(x_ref)
     (y_ref * w).sum().backward()
-    sharded.comm.reset()
-    (y_sh * w).sum().backward()
-    bwd_bytes = sharded.comm.bytes_sent
     tol = TOL[dtype_name]
-    # Query BatchNorm statistics come from the local tokens, as in the unsharded layer.
-    running_mean_err = close("running_mean", sharded.query_norm.running_mean, ref.query_norm.running_mean, tol)
-    sharded.comm.reset()
-    y_sh2 = sharded(x_sh)  # a forward alone, for the forward byte count
-    fwd_bytes = sharded.comm.bytes_sent
-    errs = {"y": close("y", y_sh, y_ref, tol), "x.grad": close("x.grad", x_sh.grad, x_ref.grad, tol)}
-    for name in ("query.weight", "sub_keys1", "sub_keys2", "query_norm.weight", "query_norm.bias"):
-        errs[name] = close(name, dict(sharded.named_parameters())[name].grad,
-                           dict(ref.named_parameters())[name].grad, tol)
-    # U and V: the sharded grad of a column slice holds every group token's contribution; the
-    # unsharded layer's grads summed over ranks is the same thing.
     c = d_model // world
+    full_grads = {}
     for name in ("expert_down", "expert_up"):
-        full = getattr(ref, name).weight.grad.clone()
-        dist.all_reduce(full)
-        errs[name] = close(name, getattr(sharded, name).weight.grad, full[:, rank * c:(rank + 1) * c], tol)
-    errs["running_mean"] = running_mean_err
-    out = {"errs": errs, "fwd_bytes": fwd_bytes, "bwd_bytes": bwd_bytes, "tokens": num_tokens,
+        full_grads[name] = getattr(ref, name).weight.grad.clone()
+        dist.all_reduce(full_grads[name])
+    per_impl = {}
+    for impl, sharded in shardeds.items():
+        x_sh = x.clone().requires_grad_()
+        y_sh = sharded(x_sh)
+        sharded.comm.reset()
+        (y_sh * w).sum().backward()
+        bwd_bytes = sharded.comm.bytes_sent
+        # Query BatchNorm statistics come from the local tokens, as in the unsharded layer.
+        running_mean_err = close(f"{impl}: running_mean", sharded.query_norm.running_mean,
+                                 ref.query_norm.running_mean, tol)
+        sharded.comm.reset()
+        y_sh2 = sharded(x_sh)  # a forward alone, for the forward byte count
+        fwd_bytes = sharded.comm.bytes_sent
+        errs = {"y": close(f"{impl}: y", y_sh, y_ref, tol),
+                "x.grad": close(f"{impl}: x.grad", x_sh.grad, x_ref.grad, tol)}
+        for name in ("query.weight", "sub_keys1", "sub_keys2", "query_norm.weight", "query_norm.bias"):
+            errs[name] = close(f"{impl}: {name}", dict(sharded.named_parameters())[name].grad,
+                               dict(ref.named_parameters())[name].grad, tol)
+        # U and V: the sharded grad of a column slice holds every group token's contribution; the
+        # unsharded layer's grads summed over ranks is the same thing.
+        for name in ("expert_down", "expert_up"):
+            errs[name] = close(f"{impl}: {name}", getattr(sharded, name).weight.grad,
+                               full_grads[name][:, rank * c:(rank + 1) * c], tol)
+        errs["running_mean"] = running_mean_err
+        per_impl[impl] = {"errs": errs, "fwd_bytes": fwd_bytes, "bwd_bytes": bwd_bytes}
+    sharded = shardeds[SHARDED_IMPLS[-1]]
+    out = {"impls": per_impl, "tokens": num_tokens,
            "expert_numel": sum(p.numel() for p in sharded.parameters() if getattr(p, "allreduce", True) is False),
            "full_expert_numel": 2 * cfg.num_experts * d_model}
     if not uneven:

@@ -1,5 +1,6 @@
 """The dimension-sharded PEER layer equals the unsharded reference (E = 2 and 4 gloo processes,
-float64 and float32; tolerances explained in _ep_worker.py), sends exactly the bytes of the design
+float64 and float32, per-rank compute by the reference gathers and by the fused kernels;
+tolerances explained in _ep_worker.py), sends exactly the bytes of the design
 note's formula, and each rank of a DeepSpeed engine holds 1/E of the expert parameters and of
 their optimizer state."""
 
@@ -40,10 +41,14 @@ def run_ranks(world: int, scenario: str, arg: str, out_dir) -> list[dict]:
 def test_sharded_layer_matches_reference(tmp_path, world, dtype):
     results = run_ranks(world, "layer", dtype, tmp_path)
     for r in results:
-        # Values and gradients: checked inside each rank (it raises on a mismatch).
-        # Communication: exactly the formula of the design note, forward and forward + backward.
-        assert r["fwd_bytes"] == r["formula_fwd"]
-        assert r["fwd_bytes"] + r["bwd_bytes"] == r["formula_total"]
+        # Each rank runs the sharded layer with impl=reference (gathers) and impl=fused (the
+        # gathered_dot / weighted_gather_sum kernels) against the unsharded reference.
+        assert sorted(r["impls"]) == ["fused", "reference"]
+        for impl, res in r["impls"].items():
+            # Values and gradients: checked inside each rank (it raises on a mismatch).
+            # Communication: exactly the formula of the design note, forward and forward + backward.
+            assert res["fwd_bytes"] == r["formula_fwd"], impl
+            assert res["fwd_bytes"] + res["bwd_bytes"] == r["formula_total"], impl
         # Memory: 1/E of U and V here.
         assert r["expert_numel"] * world == r["full_expert_numel"]
 

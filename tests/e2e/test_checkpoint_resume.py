@@ -19,16 +19,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, TINY, describe, launch, read_metrics, train_losses
+from tests.helpers import ROOT, TINY, describe, launch, read_metrics
 
 pytestmark = pytest.mark.slow
 
 STEPS = 12
 # decay_steps is pinned so that the schedule does not depend on max_steps (which may change on resume).
-COMMON = TINY + ["trainer.log_every=1", "trainer.eval_every=0", "checkpoint.every_steps=4",
+COMMON = TINY + ["trainer.log_every=1", "trainer.eval_every=3", "checkpoint.every_steps=4",
                  f"trainer.max_steps={STEPS}", f"optim.decay_steps={STEPS}", "optim.warmup_steps=2",
                  "tracking.enabled=false", "checkpoint.keep_last=0"]
 TWO = ["cluster.nproc_per_node=2", "parallel.dp=2", "parallel.zero_stage=1"]
+# Expert-parallel PEER: each rank holds half of every expert's columns (saved in its rank file).
+EP2 = TWO + ["parallel.ep=2"]
+LAYOUTS = {"one": [], "two": TWO, "ep2": EP2}
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +43,19 @@ def cache(tmp_path_factory) -> Path:
 def reference(tmp_path_factory, cache):
     """Uninterrupted runs, one per layout."""
     out = {}
-    for name, extra in (("one", []), ("two", TWO)):
+    for name, extra in LAYOUTS.items():
         root = tmp_path_factory.mktemp(f"ref_{name}")
         proc = launch(COMMON + extra + [f"run.root={root}", f"data.cache_dir={cache}"], cwd=root)
         assert proc.returncode == 0, describe(proc)
-        out[name] = train_losses(root / "default")
-        assert sorted(out[name]) == list(range(1, STEPS + 1))
+        out[name] = all_losses(root / "default")
+        assert sorted(s for s, kind in out[name] if kind == "loss") == list(range(1, STEPS + 1))
     return out
+
+
+def all_losses(run_dir: Path) -> dict[tuple[int, str], float]:
+    """Train and validation losses by (step, kind): validation uses the BatchNorm running
+    statistics, which differ per rank, so it checks that every rank's buffers were restored."""
+    return {(m["step"], kind): m[kind] for m in read_metrics(run_dir) for kind in ("loss", "val_loss") if kind in m}
 
 
 def _args(tmp_path, cache, extra=()):
@@ -66,9 +75,10 @@ def _complete(run_dir: Path) -> list[str]:
     ("one", "step6::TERM", 7),
     ("two", "step5", 4),
     ("two", "step6:1:USR2", 7),      # one rank signalled: every rank stops and saves together
+    ("ep2", "step5", 4),
 ])
 def test_interrupted_run_resumes_bitwise(tmp_path, cache, reference, layout, kill_at, resumed_from):
-    extra = TWO if layout == "two" else []
+    extra = LAYOUTS[layout]
     first = launch(_args(tmp_path, cache, extra), cwd=tmp_path, extra_env={"PEERLAB_TEST_KILL_AT": kill_at})
     if "TERM" in kill_at or "USR2" in kill_at:
         assert first.returncode == 75, describe(first)
@@ -83,14 +93,14 @@ def test_interrupted_run_resumes_bitwise(tmp_path, cache, reference, layout, kil
     assert f"resumed from step_{resumed_from:08d}" in second.stdout
     steps = [m["step"] for m in read_metrics(run_dir) if "loss" in m]
     assert steps == list(range(1, STEPS + 1)), "metrics.jsonl must hold every step once"
-    assert train_losses(run_dir) == reference[layout]
+    assert all_losses(run_dir) == reference[layout]
 
 
 @pytest.mark.parametrize("layout,kill_at", [
     ("one", "file2"), ("one", "before_manifest"), ("two", "file1:1"),
 ])
 def test_sigkill_during_save_resumes_from_previous_complete(tmp_path, cache, reference, layout, kill_at):
-    extra = TWO if layout == "two" else []
+    extra = LAYOUTS[layout]
     first = launch(_args(tmp_path, cache, extra + ["trainer.max_steps=7"]), cwd=tmp_path)
     assert first.returncode == 0, describe(first)  # complete checkpoints at 4 and 7 (the end)
     second = launch(_args(tmp_path, cache, extra + ["trainer.max_steps=10", "checkpoint.every_steps=3"]),
@@ -102,7 +112,10 @@ def test_sigkill_during_save_resumes_from_previous_complete(tmp_path, cache, ref
     third = launch(_args(tmp_path, cache, extra), cwd=tmp_path)
     assert third.returncode == 0, describe(third)
     assert "resumed from step_00000007" in third.stdout
-    assert train_losses(run_dir) == reference[layout]
+    got = all_losses(run_dir)
+    # The first run ended at step 7 and evaluated there (the reference evaluates every 3 steps).
+    assert set(got) - set(reference[layout]) == {(7, "val_loss")}
+    assert {k: v for k, v in got.items() if k in reference[layout]} == reference[layout]
     assert not (run_dir / "checkpoints" / "step_00000009").exists() or \
         (run_dir / "checkpoints" / "step_00000009" / "manifest.json").exists()
 
@@ -125,7 +138,7 @@ def test_damaged_latest_checkpoint_falls_back(tmp_path, cache, reference, damage
     lines = [ln for ln in second.stdout.splitlines() if "is damaged" in ln]
     assert len(lines) == 1 and "step_00000008" in lines[0] and "mp_rank_00_model_states.pt" in lines[0], second.stdout
     assert "resumed from step_00000004" in second.stdout
-    assert train_losses(run_dir) == reference["one"]
+    assert all_losses(run_dir) == reference["one"]
 
 
 def test_config_change_is_refused_with_every_key(tmp_path, cache):
@@ -139,6 +152,14 @@ def test_config_change_is_refused_with_every_key(tmp_path, cache):
     assert "checkpoint.resume=false" in err
 
 
+def test_changing_the_expert_parallel_degree_is_refused(tmp_path, cache):
+    assert launch(_args(tmp_path, cache, EP2 + ["trainer.max_steps=2"]), cwd=tmp_path).returncode == 0
+    proc = launch(_args(tmp_path, cache, TWO), cwd=tmp_path)
+    assert proc.returncode == 2, describe(proc)
+    errors = [ln for ln in proc.stderr.splitlines() if "error: checkpoint.dir=" in ln]
+    assert errors and "parallel.ep (2 -> 1)" in errors[0], describe(proc)
+
+
 def test_load_step_and_retention(tmp_path, cache, reference):
     args = _args(tmp_path, cache, ["checkpoint.every_steps=2", "checkpoint.keep_last=2", "trainer.max_steps=8"])
     assert launch(args, cwd=tmp_path).returncode == 0
@@ -149,7 +170,7 @@ def test_load_step_and_retention(tmp_path, cache, reference):
     proc = launch(_args(tmp_path, cache, ["checkpoint.load_step=6"]), cwd=tmp_path)
     assert proc.returncode == 0, describe(proc)
     assert "resumed from step_00000006" in proc.stdout
-    assert train_losses(run_dir) == reference["one"]
+    assert all_losses(run_dir) == reference["one"]
     bad = launch(_args(tmp_path, cache, ["checkpoint.load_step=5"]), cwd=tmp_path)
     assert bad.returncode == 2 and "checkpoint.load_step=5" in bad.stderr and "12" in bad.stderr, describe(bad)
 
@@ -220,7 +241,7 @@ def test_s3_round_trip_and_resume(tmp_path, cache, reference, s3):
     assert second.returncode == 0, describe(second)
     assert "resumed from step_00000004" in second.stdout
     run_dir = tmp_path / "runs" / "default"
-    assert train_losses(run_dir) == reference["one"]
+    assert all_losses(run_dir) == reference["one"]
     # Credentials never reach logs, saved configs, manifests or MLflow.
     secret = env["AWS_SECRET_ACCESS_KEY"]
     assert secret not in first.stdout + first.stderr + second.stdout + second.stderr
@@ -230,3 +251,32 @@ def test_s3_round_trip_and_resume(tmp_path, cache, reference, s3):
     manifest = json.loads(fs.cat_file("ckpt-bucket/runs/exp1/step_00000012/manifest.json"))
     assert secret not in json.dumps(manifest)
     assert secret.encode() not in (tmp_path / "runs" / "mlflow.db").read_bytes()
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ.get('EXPLOIT_MARKER', '/tmp/peerlab-exploit')}",))
+
+
+def test_checkpoint_that_would_run_code_is_refused(tmp_path, cache):
+    """Even with a manifest whose checksums match (an attacker can rewrite both), loading never
+    unpickles arbitrary objects: weights-only loading refuses them."""
+    assert launch(_args(tmp_path, cache, ["trainer.max_steps=4"]), cwd=tmp_path).returncode == 0
+    ckpt = tmp_path / "runs" / "default" / "checkpoints" / "step_00000004"
+    marker = tmp_path / "exploit-ran"
+    os.environ["EXPLOIT_MARKER"] = str(marker)
+    try:
+        import torch
+        from orchestrator.checkpoint import sha256_file
+
+        victim = ckpt / "mp_rank_00_model_states.pt"
+        torch.save({"module": _Exploit()}, victim)
+        manifest = json.loads((ckpt / "manifest.json").read_text())
+        manifest["files"][victim.name].update(size=victim.stat().st_size, sha256=sha256_file(str(victim)))
+        (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    finally:
+        del os.environ["EXPLOIT_MARKER"]
+    proc = launch(_args(tmp_path, cache), cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "refusing to load step_00000004" in proc.stderr and "allow-list" in proc.stderr, describe(proc)
+    assert not marker.exists(), "loading a checkpoint executed code"

@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from model.config import PeerConfig
-from model.kernels import BACKENDS, peer_expert_mix, resolve_impl
+from model.kernels import BACKENDS, gathered_dot, peer_expert_mix, resolve_impl, weighted_gather_sum
 from model.kernels.chunked import gathered_dots, rows_grad, rows_grad_index_add
 from model.peer import PEER
 
@@ -238,3 +238,112 @@ def test_peer_layer_fused_equals_reference(impl):
     torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-10, atol=1e-12)
     for name, grad in outs[0][2].items():
         torch.testing.assert_close(outs[1][2][name], grad, rtol=1e-10, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+
+
+# ----------------------------------------------------------------------------- the two halves
+# gathered_dot and weighted_gather_sum (the per-rank compute of the expert-parallel layer) against
+# their reference, with the same tolerances and shapes policy as above.
+
+# (tokens, rows per token M, d, table rows N): non-powers of two in every position.
+HALF_SHAPES = [(1, 1, 1, 4), (7, 6, 5, 9), (37, 15, 19, 49), (50, 14, 33, 100)]
+
+
+def make_half_inputs(num_tokens, num_rows, d_model, num_experts, *, dtype, pattern="random", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_tokens, d_model, generator=gen, dtype=dtype)
+    w = torch.randn(num_tokens, num_rows, generator=gen, dtype=dtype)
+    table = torch.randn(num_experts, d_model, generator=gen, dtype=dtype)
+    idx = torch.randint(0, num_experts, (num_tokens, num_rows), generator=gen)
+    if pattern == "duplicates":  # repeats within a token and across tokens
+        idx[:, ::2] = idx[:1, :1].clone()
+    elif pattern == "one_row":  # every token retrieves the same row M times
+        idx.fill_(num_experts - 1)
+    grad_s = torch.randn(num_tokens, num_rows, generator=gen, dtype=dtype)
+    grad_y = torch.randn(num_tokens, d_model, generator=gen, dtype=dtype)
+    return x, w, table, idx, grad_s, grad_y
+
+
+def half_forward_backward(op, impl, dense, table, idx, grad_out, device="cpu", dtype=None):
+    dense, table = (t.detach().clone().to(device, dtype or t.dtype).requires_grad_() for t in (dense, table))
+    out = op(dense, table, idx.to(device), impl)
+    out.backward(grad_out.to(device, dtype or grad_out.dtype))
+    return [out.detach().cpu(), dense.grad.cpu(), table.grad.cpu()]
+
+
+def assert_halves_close(got, want, rtol, atol_scale, names=("out", "grad dense", "grad table")):
+    for name, g, w in zip(names, got, want):
+        assert g is not None and g.shape == w.shape, name
+        atol = atol_scale * max(w.abs().max().item(), 1e-30)
+        torch.testing.assert_close(g, w.to(g.dtype), rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("shape", HALF_SHAPES, ids=lambda s: "T{}-M{}-D{}-N{}".format(*s))
+@pytest.mark.parametrize("pattern", ["random", "duplicates", "one_row"])
+def test_chunked_halves_match_reference_float64(shape, pattern, monkeypatch):
+    monkeypatch.setattr("model.kernels.chunked.SCRATCH_BYTES", 3 * shape[1] * shape[2] * 8)  # several chunks
+    x, w, table, idx, grad_s, grad_y = make_half_inputs(*shape, dtype=torch.float64, pattern=pattern, seed=sum(shape))
+    for op, dense, grad_out in ((gathered_dot, x, grad_s), (weighted_gather_sum, w, grad_y)):
+        want = half_forward_backward(op, "reference", dense, table, idx, grad_out)
+        got = half_forward_backward(op, "chunked", dense, table, idx, grad_out)
+        assert_halves_close(got, want, rtol=1e-10, atol_scale=1e-12)
+        unused = torch.ones(shape[3], dtype=torch.bool)
+        unused[idx.flatten()] = False
+        assert got[2][unused].abs().sum() == 0  # rows no token retrieved: exactly zero, like nn.Embedding
+    # The explicit formulas of the brief, independent of the reference's einsums.
+    rows = table[idx]
+    torch.testing.assert_close(gathered_dot(x, table, idx, "chunked"), (rows * x[:, None]).sum(-1))
+    torch.testing.assert_close(weighted_gather_sum(w, table, idx, "chunked"), (w[:, :, None] * rows).sum(1))
+
+
+def test_chunked_halves_gradcheck_and_partial_grads():
+    x, w, table, idx, grad_s, grad_y = make_half_inputs(5, 6, 7, 16, dtype=torch.float64, pattern="duplicates", seed=4)
+    for op, dense in ((gathered_dot, x), (weighted_gather_sum, w)):
+        leaves = [dense.clone().requires_grad_(), table.clone().requires_grad_()]
+        assert torch.autograd.gradcheck(lambda a, b, op=op: op(a, b, idx, "chunked"), leaves)
+    # Table alone and dense input alone.
+    for op, dense, grad_out in ((gathered_dot, x, grad_s), (weighted_gather_sum, w, grad_y)):
+        want = half_forward_backward(op, "reference", dense, table, idx, grad_out)
+        tab = table.clone().requires_grad_()
+        (g_tab,) = torch.autograd.grad(op(dense, tab, idx, "chunked"), tab, grad_out)
+        torch.testing.assert_close(g_tab, want[2], rtol=1e-10, atol=1e-12)
+        d = dense.clone().requires_grad_()
+        (g_d,) = torch.autograd.grad(op(d, table, idx, "chunked"), d, grad_out)
+        torch.testing.assert_close(g_d, want[1], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", ["reference", "chunked"])
+def test_halves_compose_to_peer_expert_mix(impl):
+    """gathered_dot -> gates * act -> weighted_gather_sum is peer_expert_mix (values and grads),
+    the composition the expert-parallel layer runs with a cross-rank sum in the middle."""
+    tensors, idx, grad_y = make_inputs(11, 3, 5, 13, 36, dtype=torch.float64, pattern="duplicates", seed=9)
+    want = forward_backward("reference", "gelu", tensors, idx, grad_y)
+    x, down, up, gates = (t.detach().clone().requires_grad_() for t in tensors)
+    idx_TM = idx.reshape(11, 15)
+    pre = gathered_dot(x, down, idx_TM, impl)
+    y = weighted_gather_sum(gates.reshape(11, 15) * torch.nn.functional.gelu(pre), up, idx_TM, impl)
+    y.backward(grad_y)
+    assert_all_close([y.detach(), x.grad, down.grad, up.grad, gates.grad], want, rtol=1e-10, atol_scale=1e-12)
+
+
+def test_halves_validate_shapes():
+    x, w, table, idx, _, _ = make_half_inputs(4, 3, 5, 9, dtype=torch.float64)
+    with pytest.raises(ValueError, match="gathered_dot"):
+        gathered_dot(x[:, :4], table, idx)
+    with pytest.raises(ValueError, match="weighted_gather_sum"):
+        weighted_gather_sum(w[:, :2], table, idx)
+
+
+@needs_triton
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize(
+    "shape, pattern",
+    [(HALF_SHAPES[0], "random"), (HALF_SHAPES[1], "duplicates"), (HALF_SHAPES[2], "one_row"),
+     (HALF_SHAPES[3], "random"), ((150, 6, 300, 36), "duplicates")],  # last: d over BLOCK_D, several programs
+    ids=lambda v: "T{}-M{}-D{}-N{}".format(*v) if isinstance(v, tuple) else str(v),
+)
+def test_triton_halves_match_reference(device, shape, pattern):
+    x, w, table, idx, grad_s, grad_y = make_half_inputs(*shape, dtype=torch.float64, pattern=pattern, seed=sum(shape))
+    for op, dense, grad_out in ((gathered_dot, x, grad_s), (weighted_gather_sum, w, grad_y)):
+        want = half_forward_backward(op, "reference", dense, table, idx, grad_out)
+        got = half_forward_backward(op, "triton", dense, table, idx, grad_out, device=device, dtype=torch.float32)
+        assert_halves_close(got, want, rtol=2e-5, atol_scale=2e-5)

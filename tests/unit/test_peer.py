@@ -228,3 +228,32 @@ def test_init_scales():
     x_TD = torch.randn(64, d_model)
     pre_act = layer.expert_down.weight[:100] @ x_TD.T
     assert 0.8 < pre_act.std().item() < 1.2
+
+
+def test_product_key_topk_rejects_per_head_keys_for_other_head_count():
+    """Per-head sub-keys [H, S, d_key/2] must have one table per query head."""
+    q_THD = torch.randn(3, 2, 6)
+    keys_HSD2 = torch.randn(3, 4, 3)
+    with pytest.raises(ValueError, match="per-head"):
+        product_key_topk(q_THD, keys_HSD2, keys_HSD2, 2)
+
+
+@pytest.mark.parametrize("impl", ["fused", "auto"])
+def test_route_fused_retrieval_equals_reference(impl):
+    """route() with impl=fused/auto (chunked product keys) picks the same experts with the same
+    gates as impl=reference, and gives the keys and query net the same gradients."""
+    torch.manual_seed(5)
+    ref = PEER(11, peer_config(num_experts=64, num_heads=3, top_k=5, d_key=8), init_std=0.3).double()
+    fused = PEER(11, peer_config(num_experts=64, num_heads=3, top_k=5, d_key=8, impl=impl), init_std=0.3).double()
+    fused.load_state_dict(ref.state_dict())
+    x_TD = torch.randn(13, 11, dtype=torch.float64)
+    grad_THK = torch.randn(13, 3, 5, dtype=torch.float64)
+    results = []
+    for layer in (ref, fused):
+        gates_THK, idx_THK = layer.route(x_TD)
+        gates_THK.backward(grad_THK)
+        results.append((gates_THK.detach(), idx_THK, [p.grad for p in (layer.sub_keys1, layer.sub_keys2, layer.query.weight)]))
+    assert torch.equal(results[1][1], results[0][1])
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-12, atol=1e-12)
+    for got, want in zip(results[1][2], results[0][2]):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
