@@ -234,6 +234,7 @@ def validate(cfg: TrainConfig, *, cuda_device_count: int = 0) -> None:
     _validate_data(cfg)
     _validate_optim(cfg.optim)
     _validate_trainer(cfg.trainer, cuda_device_count)
+    _validate_cluster(cfg.cluster)  # before the parallel degrees, which are checked against it
     _validate_parallel(cfg)
     _validate_io(cfg)
 
@@ -385,8 +386,9 @@ def _validate_parallel(cfg: TrainConfig) -> None:
                           f"dp={p.dp} x tp={p.tp} x pp={p.pp} = {product} but the world size is {world} "
                           + (f"(cluster.nodes={cfg.cluster.nodes} x cluster.nproc_per_node={cfg.cluster.nproc_per_node})"
                              if cfg.cluster.nodes > 1 else f"(cluster.nproc_per_node={cfg.cluster.nproc_per_node})"),
-                          f"set parallel.dp={world // (p.tp * p.pp) if world % (p.tp * p.pp) == 0 else world} "
-                          f"or cluster.nproc_per_node={product}")
+                          f"set parallel.dp={world // (p.tp * p.pp) if world % (p.tp * p.pp) == 0 else world}"
+                          + (f" or cluster.nproc_per_node={product // cfg.cluster.nodes}"
+                             if product % cfg.cluster.nodes == 0 else ""))
     if p.dp % p.ep:
         raise ConfigError("parallel.ep", p.ep, f"does not divide parallel.dp={p.dp}",
                           f"choose ep among the divisors of dp: {_divisors(p.dp)}")
@@ -418,7 +420,6 @@ def _validate_parallel(cfg: TrainConfig) -> None:
 
 
 def _validate_io(cfg: TrainConfig) -> None:
-    _validate_cluster(cfg.cluster)
     _positive("checkpoint.every_steps", cfg.checkpoint.every_steps, 0)
     _positive("checkpoint.keep_last", cfg.checkpoint.keep_last, 0)
     if cfg.checkpoint.load_step is not None:

@@ -131,7 +131,9 @@ def gathered_dot(x_TD: torch.Tensor, table_ND: torch.Tensor, idx_TM: torch.Tenso
     return triton_gathered_dot(x_TD, table_ND, idx_TM)
 
 
-def weighted_gather_sum(w_TM: torch.Tensor, table_ND: torch.Tensor, idx_TM: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+def weighted_gather_sum(
+    w_TM: torch.Tensor, table_ND: torch.Tensor, idx_TM: torch.Tensor, impl: str = "auto"
+) -> torch.Tensor:
     """y_TD[t] = sum_m w[t, m] table[idx[t, m]]: the second half of the expert compute, on its own.
 
     w_TM [T, M]; table_ND [N, D]; idx_TM [T, M] (integer, values in [0, N)). Returns [T, D] in w's

@@ -57,7 +57,8 @@ def gathered_dots(weight_ND: torch.Tensor, idx_TM: torch.Tensor, x_TD: torch.Ten
     return dots_TM
 
 
-def weighted_rows_sum(weight_ND: torch.Tensor, idx_TM: torch.Tensor, weights_TM: torch.Tensor) -> torch.Tensor:
+def weighted_rows_sum(weight_ND: torch.Tensor, idx_TM: torch.Tensor,
+                      weights_TM: torch.Tensor) -> torch.Tensor:
     """sum_TD[t] = sum_m weights[t, m] weight[idx[t, m]]: one embedding_bag with per-sample
     weights, no gathered rows (in the table's dtype)."""
     return F.embedding_bag(idx_TM, weight_ND, per_sample_weights=weights_TM.to(weight_ND.dtype), mode="sum")
