@@ -32,7 +32,8 @@ def test_train_then_resume(tmp_path, data_cache):
     val = [m for m in read_metrics(run_dir) if "val_loss" in m]
     assert [m["step"] for m in val] == [20, 40] and val[1]["val_loss"] < val[0]["val_loss"]
     assert all(0 < m["peer_usage"] <= 1 and m["peer_kl_uniform"] >= 0 for m in val)
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000040"
+    committed = sorted(p.parent.name for p in (run_dir / "checkpoints").glob("step_*/manifest.json"))
+    assert committed == ["step_00000020", "step_00000040"]
     assert "step 40/40" in first.stdout and "eval step 40" in first.stdout
     assert (run_dir / "config.json").exists()
 
