@@ -32,7 +32,6 @@ from torch import nn
 from model.config import ACTIVATIONS, PEER_IMPLS, PeerConfig
 from model.kernels import peer_expert_mix, product_key_retrieval
 
-_ACTIVATION_FNS = {"relu": F.relu, "gelu": F.gelu}
 
 # Set by defer_expert_tables(); a list so the context manager can flip it in place.
 _DEFER_EXPERT_TABLES = [False]
@@ -110,7 +109,6 @@ class PEER(nn.Module):
         self.d_key = cfg.d_key
         self.activation = cfg.activation
         self.impl = cfg.impl
-        self._act = _ACTIVATION_FNS[cfg.activation]
         self.init_std = init_std
         self.output_init_std = init_std if output_init_std is None else output_init_std
 

@@ -210,6 +210,10 @@ class Trainer:
                     f"(PEER U/V columns, 1/{c.parallel.ep}; sharding=dims)")
         if resumed:
             r.print(f"resumed from {resumed.info.tag} in {self.checkpoints.storage.display()}")
+            if self.state.step >= c.trainer.max_steps:
+                r.print(f"nothing to train: the run is already at step {self.state.step} "
+                        f"(trainer.max_steps={c.trainer.max_steps}); raise trainer.max_steps to continue, "
+                        f"or use another run.name (or checkpoint.resume=false) to start over")
         if self.rank == 0:
             os.makedirs(c.run.dir, exist_ok=True)
             path = os.path.join(c.run.dir, "config.json")
