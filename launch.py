@@ -159,7 +159,7 @@ def _dry_run(checked: list[tuple[list[str], TrainConfig]], multirun: bool) -> No
         print("# ---- sbatch script" + (f" (one job array of {len(checked)} jobs)" if len(checked) > 1 else ""))
         print(sbatch_script(to_dict(first)["cluster"], first.run.name, folder, _job_setup(),
                             array_size=len(checked)).rstrip())
-        print(f"dry run: nothing submitted (cluster.dry_run=true); drop it to submit")
+        print("dry run: nothing submitted (cluster.dry_run=true); drop it to submit")
     else:
         world = first.world_size
         print(f"dry run: would train {len(checked)} run(s) here with {world} process(es) each; nothing started "

@@ -26,7 +26,6 @@ import contextlib
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from model.config import ACTIVATIONS, PEER_IMPLS, PeerConfig

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from model.config import ACTIVATIONS, FFN_KINDS, PEER_IMPLS, ModelConfig, MoEConfig, PeerConfig, doc
@@ -246,7 +246,7 @@ def _positive(key: str, value: int | float, minimum: int | float = 1) -> None:
 
 def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ConfigError(key, value, f"unknown choice", f"use one of: {', '.join(choices)}")
+        raise ConfigError(key, value, "unknown choice", f"use one of: {', '.join(choices)}")
 
 
 def _validate_model(cfg: TrainConfig) -> None:
