@@ -33,6 +33,7 @@ import numpy as np
 
 from orchestrator.config import DataConfig
 from orchestrator.errors import ConfigError
+from orchestrator.storage import fsync_dir
 from orchestrator.tokenizer import Tokenizer, token_dtype
 
 # Bump when the layout or the meaning of the cached files changes: old caches then miss.
@@ -227,7 +228,7 @@ def prepare_corpus(cfg: DataConfig, tokenizer: Tokenizer) -> PreparedCorpus:
             if found is None:
                 raise
             return found
-        _fsync_dir(cache_root)
+        fsync_dir(cache_root)
         return PreparedCorpus(final, meta, from_cache=False)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # a no-op after a successful rename
@@ -367,16 +368,3 @@ def _chunks(files: list[SourceFile], max_bytes: int):
 def _fsync(f) -> None:
     f.flush()
     os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on a directory; the rename itself is still atomic
-    finally:
-        os.close(fd)

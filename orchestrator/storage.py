@@ -101,7 +101,7 @@ class Storage:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, target)
-            _fsync_dir(os.path.dirname(target))
+            fsync_dir(os.path.dirname(target))
         else:
             self.fs.pipe_file(self.path(rel), data)
 
@@ -133,7 +133,9 @@ class Storage:
                 self.fs.rm(self.path(rel), recursive=True)
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path) -> None:
+    """Make a rename inside `path` durable (best effort: some filesystems refuse fsync on a
+    directory; the rename itself is still atomic)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
