@@ -22,8 +22,7 @@ def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum_steps,
         "train_batch_size": t.micro_batch_size * t.grad_accum_steps * p.dp,
-        # With sharded experts at ZeRO 0, DeepSpeed's clipping averages per-rank norms across
-        # ranks instead of summing expert squares over the ep group; the trainer clips then.
+        # Without ZeRO the trainer clips (see trainer_clips_gradients); with ZeRO, DeepSpeed does.
         "gradient_clipping": 0.0 if trainer_clips_gradients(cfg) else cfg.optim.grad_clip,
         "zero_optimization": {"stage": p.zero_stage},
         "bf16": {"enabled": bf16},
@@ -35,9 +34,12 @@ def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict[str, Any]:
 
 
 def trainer_clips_gradients(cfg: TrainConfig) -> bool:
-    """True when orchestrator/train.py clips with the exact global norm instead of DeepSpeed
-    (expert-parallel runs without ZeRO; see deepspeed_config)."""
-    return cfg.parallel.ep > 1 and cfg.parallel.zero_stage == 0 and cfg.optim.grad_clip > 0
+    """True when orchestrator/train.py clips instead of DeepSpeed: without ZeRO. The trainer needs
+    the global norm there anyway (DeepSpeed computes it for clipping and drops it), and DeepSpeed's
+    ZeRO-0 clipping averages per-rank norms, which is wrong once experts are sharded over ep ranks;
+    one norm, computed once, serves the log line and the clipping. With ZeRO 1/2 DeepSpeed clips
+    inside its optimizer (counting each expert partition once) and reports the norm."""
+    return cfg.parallel.zero_stage == 0 and cfg.optim.grad_clip > 0
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

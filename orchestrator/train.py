@@ -181,7 +181,8 @@ class Trainer:
         for state that differs per rank and that DeepSpeed does not save."""
         # Buffers (PEER's BatchNorm running statistics) are updated from each rank's own batches
         # and differ across data-parallel ranks; DeepSpeed saves rank 0's module only.
-        buffers = {n: b.detach().cpu().clone() for n, b in self.engine.module.named_buffers()}
+        persistent = self.engine.module.state_dict().keys()  # not rotary tables or usage counters
+        buffers = {n: b.detach().cpu().clone() for n, b in self.engine.module.named_buffers() if n in persistent}
         return {"expert_parallel": self._expert_rank_state(), "buffers": buffers}
 
     def _load_rank_state(self, state: dict) -> None:
@@ -291,7 +292,7 @@ class Trainer:
             if i == len(micro_batches) - 1 and self.cfg.parallel.zero_stage == 0:
                 # DeepSpeed computes the norm for ZeRO 1/2 but drops it when it clips without ZeRO.
                 self._grad_norm = self._reduced_grad_norm()
-                self._clip_expert_parallel_gradients()
+                self._clip_gradients(self._grad_norm)
             self.engine.step()
             total += out.loss.detach().double().cpu()
         if self.cfg.parallel.zero_stage > 0:
@@ -308,45 +309,39 @@ class Trainer:
         across it; every other gradient is replicated."""
         from deepspeed.moe.utils import is_moe_param
 
-        dense_sq = torch.zeros((), dtype=torch.float64, device=self.device)
-        expert_sq = torch.zeros((), dtype=torch.float64, device=self.device)
+        dense, expert = [], []
         for p in self.engine.module.parameters():
-            if p.grad is None:
-                continue
-            sq = p.grad.detach().double().pow(2).sum()
-            if is_moe_param(p):
-                expert_sq += sq
-            else:
-                dense_sq += sq
+            if p.grad is not None:
+                (expert if is_moe_param(p) else dense).append(p.grad.detach())
+        dense_sq = float(torch.nn.utils.get_total_norm(dense)) ** 2 if dense else 0.0
+        expert_sq = torch.tensor(float(torch.nn.utils.get_total_norm(expert)) ** 2 if expert else 0.0,
+                                 dtype=torch.float64, device=self.device)
         if self.cfg.parallel.ep > 1:
             from deepspeed.utils import groups
 
             dist.all_reduce(expert_sq, group=groups._get_expert_parallel_group(f"ep_size_{self.cfg.parallel.ep}"))
-        return math.sqrt(float(dense_sq + expert_sq))
+        return math.sqrt(dense_sq + float(expert_sq))
 
-    # ------------------------------------------------------------------ expert parallelism
-    def _clip_expert_parallel_gradients(self) -> None:
-        """Clip as DeepSpeed would (coef = min(1, clip / (norm + 1e-6))) but with the exact global
-        norm: at ZeRO 0 DeepSpeed averages per-rank norms, which is wrong when experts are sharded
-        (engine.trainer_clips_gradients turns its clipping off then)."""
+    def _clip_gradients(self, norm: float) -> None:
+        """Without ZeRO the trainer clips, with the norm it has just computed for the log line
+        (orchestrator.engine.trainer_clips_gradients): coef = min(1, clip / (norm + 1e-6)), as
+        DeepSpeed and torch do."""
         from orchestrator.engine import trainer_clips_gradients
 
         if not trainer_clips_gradients(self.cfg):
             return
-        coef = min(1.0, self.cfg.optim.grad_clip / (self._grad_norm + 1e-6))
-        if coef < 1.0:
-            for p in self.engine.module.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(coef)
+        params = [p for p in self.engine.module.parameters() if p.grad is not None]
+        torch.nn.utils.clip_grads_with_norm_(params, self.cfg.optim.grad_clip, torch.tensor(norm))
 
+    # ------------------------------------------------------------------ expert parallelism
     def _expert_rank_state(self) -> dict:
         """This rank's expert shards (DeepSpeed without ZeRO saves the model and optimizer from
         rank 0 only), with the layout they were saved under."""
-        from orchestrator.parallel.parallelize import expert_parameters
+        from deepspeed.moe.utils import is_moe_param
 
         if self.cfg.parallel.ep == 1:
             return {}
-        named = {n: p for n, p in self.engine.module.named_parameters() if getattr(p, "allreduce", True) is False}
+        named = {n: p for n, p in self.engine.module.named_parameters() if is_moe_param(p)}
         state = {"ep": self.cfg.parallel.ep, "zero_stage": self.cfg.parallel.zero_stage,
                  "params": {n: p.detach().cpu().clone() for n, p in named.items()}}
         if self.cfg.parallel.zero_stage == 0:
@@ -354,22 +349,16 @@ class Trainer:
             state["optimizer"] = {n: {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v)
                                       for k, v in opt_state[p].items()}
                                   for n, p in named.items() if p in opt_state}
-        assert len(named) == len(expert_parameters(self.engine.module))
         return state
 
     def _load_expert_rank_state(self, state: dict) -> None:
-        from orchestrator.errors import ConfigError
-
-        ep = self.cfg.parallel.ep
-        saved_ep = state.get("ep", 1)
-        if saved_ep != ep:
-            raise ConfigError("parallel.ep", ep,
-                              f"the checkpoint in {self.cfg.checkpoint.dir} was saved with parallel.ep={saved_ep}; "
-                              "expert shards are not resharded on resume",
-                              f"resume with parallel.ep={saved_ep}, or start fresh with checkpoint.resume=false")
-        if ep == 1:
+        # A checkpoint of another ep never gets here: CheckpointManager.load refuses any change of
+        # parallel.* (expert shards are not resharded on resume).
+        if self.cfg.parallel.ep == 1:
             return
-        named = {n: p for n, p in self.engine.module.named_parameters() if getattr(p, "allreduce", True) is False}
+        from deepspeed.moe.utils import is_moe_param
+
+        named = {n: p for n, p in self.engine.module.named_parameters() if is_moe_param(p)}
         with torch.no_grad():
             for n, p in named.items():
                 p.copy_(state["params"][n].to(p.device))
