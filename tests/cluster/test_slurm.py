@@ -71,25 +71,20 @@ def slurm_cluster():
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, cache):
+def reference(tmp_path_factory, data_cache):
     """Uninterrupted local runs (2 gloo ranks, dp=2), the losses every Slurm run must reproduce."""
     out = {}
     for name, extra in (("short", []), ("long", LONG_ARGS)):
         root = tmp_path_factory.mktemp(f"ref_{name}")
         proc = launch(COMMON + TWO + extra + ["tracking.enabled=false", f"run.root={root}",
-                                              f"data.cache_dir={cache}"], cwd=root)
+                                              f"data.cache_dir={data_cache}"], cwd=root)
         assert proc.returncode == 0, describe(proc)
         out[name] = train_losses(root / "default")
     return out
 
 
-def _args(tmp_path: Path, cache: Path, extra=()) -> list[str]:
-    return COMMON + TWO + SLURM + list(extra) + [f"run.root={tmp_path}/runs", f"data.cache_dir={cache}"]
+def _args(tmp_path: Path, data_cache: Path, extra=()) -> list[str]:
+    return COMMON + TWO + SLURM + list(extra) + [f"run.root={tmp_path}/runs", f"data.cache_dir={data_cache}"]
 
 
 def _job_id(text: str) -> str:
@@ -122,9 +117,9 @@ def _mlflow_runs(root: Path, experiment: str = "peer-lab"):
     return client, (client.search_runs([exp.experiment_id]) if exp else [])
 
 
-def test_dry_run_submits_nothing(slurm_cluster, tmp_path, cache):
+def test_dry_run_submits_nothing(slurm_cluster, tmp_path, data_cache):
     before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
-    proc = launch(_args(tmp_path, cache, ["cluster.dry_run=true", "cluster.partition=high"]), cwd=tmp_path)
+    proc = launch(_args(tmp_path, data_cache, ["cluster.dry_run=true", "cluster.partition=high"]), cwd=tmp_path)
     assert proc.returncode == 0, describe(proc)
     assert "#SBATCH --ntasks-per-node=2" in proc.stdout and "#SBATCH --partition=high" in proc.stdout
     assert "#SBATCH --signal=USR2@60" in proc.stdout and "srun" in proc.stdout
@@ -133,8 +128,8 @@ def test_dry_run_submits_nothing(slurm_cluster, tmp_path, cache):
     assert not (tmp_path / "runs").exists(), "a dry run writes nothing"
 
 
-def test_two_task_job_equals_local(slurm_cluster, tmp_path, cache, reference):
-    proc = launch(_args(tmp_path, cache, ["cluster.wait=true"]), cwd=tmp_path, timeout=JOB_TIMEOUT_S)
+def test_two_task_job_equals_local(slurm_cluster, tmp_path, data_cache, reference):
+    proc = launch(_args(tmp_path, data_cache, ["cluster.wait=true"]), cwd=tmp_path, timeout=JOB_TIMEOUT_S)
     assert proc.returncode == 0, describe(proc)
     job = _job_id(proc.stdout)
     assert f"job {job}: COMPLETED" in proc.stdout
@@ -144,10 +139,10 @@ def test_two_task_job_equals_local(slurm_cluster, tmp_path, cache, reference):
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
 
 
-def _interrupted_run(tmp_path, cache, reference, interrupt, extra=()):
+def _interrupted_run(tmp_path, data_cache, reference, interrupt, extra=()):
     """Launch a blocking 2-task job, interrupt it after a few steps, and check it comes back."""
     proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"),
-                             *_args(tmp_path, cache, LONG_ARGS + ["cluster.wait=true"] + list(extra))],
+                             *_args(tmp_path, data_cache, LONG_ARGS + ["cluster.wait=true"] + list(extra))],
                             cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     run_dir = tmp_path / "runs" / "default"
     _wait_metrics(run_dir / "metrics.jsonl", 3, proc)
@@ -169,27 +164,27 @@ def _interrupted_run(tmp_path, cache, reference, interrupt, extra=()):
     return job
 
 
-def test_preempted_job_is_requeued_and_resumes(slurm_cluster, tmp_path, cache, reference):
+def test_preempted_job_is_requeued_and_resumes(slurm_cluster, tmp_path, data_cache, reference):
     def preempt(job):
         # A job of the high partition needs both CPUs: Slurm sends the low job USR2, then requeues it.
         subprocess.run(["sbatch", "-p", "high", "-n", "2", "-o", "/dev/null", "--wrap", "sleep 2"],
                        check=True, capture_output=True)
 
-    _interrupted_run(tmp_path, cache, reference, preempt)
+    _interrupted_run(tmp_path, data_cache, reference, preempt)
 
 
-def test_time_limit_signal_requeues_and_resumes(slurm_cluster, tmp_path, cache, reference):
+def test_time_limit_signal_requeues_and_resumes(slurm_cluster, tmp_path, data_cache, reference):
     def time_limit(job):
         # What Slurm sends cluster.signal_delay_s before the time limit (--signal=USR2@delay), sent
         # now: the job itself must save and requeue (Slurm does not requeue at a time limit).
         subprocess.run(["scancel", "--signal=USR2", job], check=True, capture_output=True)
 
-    _interrupted_run(tmp_path, cache, reference, time_limit)
+    _interrupted_run(tmp_path, data_cache, reference, time_limit)
 
 
-def test_requeue_limit_stops_the_job_with_a_message(slurm_cluster, tmp_path, cache):
+def test_requeue_limit_stops_the_job_with_a_message(slurm_cluster, tmp_path, data_cache):
     proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"),
-                             *_args(tmp_path, cache, LONG_ARGS + ["cluster.wait=true", "cluster.max_requeues=0"])],
+                             *_args(tmp_path, data_cache, LONG_ARGS + ["cluster.wait=true", "cluster.max_requeues=0"])],
                             cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     run_dir = tmp_path / "runs" / "default"
     _wait_metrics(run_dir / "metrics.jsonl", 3, proc)
@@ -203,12 +198,12 @@ def test_requeue_limit_stops_the_job_with_a_message(slurm_cluster, tmp_path, cac
     assert ckpts, "the stop still saved a complete checkpoint to resume from"
 
 
-def test_failing_job_fails_and_is_not_requeued(slurm_cluster, tmp_path, cache):
+def test_failing_job_fails_and_is_not_requeued(slurm_cluster, tmp_path, data_cache):
     # The data source vanishes between submission and start: a Python error inside the job.
     missing = tmp_path / "corpus"
     missing.mkdir()
     (missing / "a.txt").write_text("some text " * 100)
-    args = _args(tmp_path, cache, ["cluster.wait=true", "data=files", f"data.source={missing}/*.txt",
+    args = _args(tmp_path, data_cache, ["cluster.wait=true", "data=files", f"data.source={missing}/*.txt",
                                    "cluster.setup=[\"rm -rf " + str(missing) + "\"]"])
     proc = launch(args, cwd=tmp_path, timeout=JOB_TIMEOUT_S)
     assert proc.returncode != 0, describe(proc)
@@ -219,10 +214,10 @@ def test_failing_job_fails_and_is_not_requeued(slurm_cluster, tmp_path, cache):
     assert "requeued" not in proc.stdout
 
 
-def test_sweep_runs_as_a_job_array_with_a_summary(slurm_cluster, tmp_path, cache):
+def test_sweep_runs_as_a_job_array_with_a_summary(slurm_cluster, tmp_path, data_cache):
     sweep_dir = tmp_path / "runs" / "sweeps" / "lr"
     args = COMMON + SLURM + ["cluster.wait=true", f"hydra.sweep.dir={sweep_dir}", f"run.root={tmp_path}/runs",
-                             f"data.cache_dir={cache}", "optim.lr=1e-3,3e-3", "trainer.seed=1,2"]
+                             f"data.cache_dir={data_cache}", "optim.lr=1e-3,3e-3", "trainer.seed=1,2"]
     proc = launch(["-m", *args], cwd=tmp_path, timeout=JOB_TIMEOUT_S)
     assert proc.returncode == 0, describe(proc)
     ids = re.findall(r"submitted Slurm job (\S+)", proc.stdout)
@@ -253,7 +248,7 @@ def test_sweep_runs_as_a_job_array_with_a_summary(slurm_cluster, tmp_path, cache
     (["cluster.cpus_per_task=64"], None, "Slurm rejects this request (allocation failure: Requested node configuration"),
     ([], "python-only", "sbatch, srun, sacct, scontrol, sinfo not found"),
 ])
-def test_refusals_are_one_line_and_submit_nothing(slurm_cluster, tmp_path, cache, extra, path, expected):
+def test_refusals_are_one_line_and_submit_nothing(slurm_cluster, tmp_path, data_cache, extra, path, expected):
     env = {}
     if path:  # a PATH with python and nothing of Slurm
         bin_dir = tmp_path / "bin"
@@ -261,7 +256,7 @@ def test_refusals_are_one_line_and_submit_nothing(slurm_cluster, tmp_path, cache
         (bin_dir / "python").symlink_to(sys.executable)
         env["PATH"] = str(bin_dir)
     before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
-    proc = launch(_args(tmp_path, cache, extra), cwd=tmp_path, extra_env=env)
+    proc = launch(_args(tmp_path, data_cache, extra), cwd=tmp_path, extra_env=env)
     assert proc.returncode == 2, describe(proc)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0] and "fix:" in lines[0], lines

@@ -22,9 +22,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("model,zero_stage", [("peer", 0), ("peer", 1), ("moe", 2)])
-def test_dp2_matches_one_process(tmp_path, model, zero_stage):
+def test_dp2_matches_one_process(tmp_path, data_cache, model, zero_stage):
     common = TINY + [f"model={model}", "trainer.max_steps=8", "trainer.log_every=1", "trainer.eval_every=0",
-                     "checkpoint.every_steps=0", "tracking.enabled=false", f"data.cache_dir={tmp_path}/cache",
+                     "checkpoint.every_steps=0", "tracking.enabled=false", f"data.cache_dir={data_cache}",
                      f"parallel.zero_stage={zero_stage}", "optim.warmup_steps=2"]
     one = launch(common + [f"run.root={tmp_path}/one", "trainer.grad_accum_steps=2"], cwd=tmp_path)
     assert one.returncode == 0, describe(one)

@@ -21,9 +21,9 @@ pytestmark = pytest.mark.slow
 # the norm must count each expert shard once across the ep group for ep=2 to equal ep=1.
 @pytest.mark.parametrize("model,extra", [("peer", []), ("moe", []),
                                          ("peer", ["parallel.zero_stage=1", "optim.grad_clip=0.2"])])
-def test_ep2_matches_ep1(tmp_path, model, extra):
+def test_ep2_matches_ep1(tmp_path, data_cache, model, extra):
     common = TINY + [f"model={model}", "trainer.max_steps=20", "trainer.log_every=1", "trainer.eval_every=0",
-                     "checkpoint.every_steps=0", "tracking.enabled=false", f"data.cache_dir={tmp_path}/cache",
+                     "checkpoint.every_steps=0", "tracking.enabled=false", f"data.cache_dir={data_cache}",
                      "optim.warmup_steps=2", "cluster.nproc_per_node=2", "parallel.dp=2"] + extra
     ep1 = launch(common + [f"run.root={tmp_path}/ep1", "parallel.ep=1"], cwd=tmp_path)
     assert ep1.returncode == 0, describe(ep1)
@@ -35,12 +35,12 @@ def test_ep2_matches_ep1(tmp_path, model, extra):
     assert max(diffs.values()) < 1e-4, f"relative differences per step: {diffs}"
 
 
-def test_million_experts_ep4(tmp_path):
+def test_million_experts_ep4(tmp_path, data_cache):
     """1024^2 experts at d=64: U and V hold 2 x 1024^2 x 64 = 134M numbers (537 MB in fp32); each
     of the 4 ranks builds and keeps 16 columns of them (the trainer prints its share)."""
     args = TINY + ["model=peer", "model.peer.num_experts=1048576", "model.peer.top_k=8", "trainer.max_steps=3",
                    "trainer.log_every=1", "trainer.eval_every=0", "checkpoint.every_steps=0",
-                   "tracking.enabled=false", f"data.cache_dir={tmp_path}/cache", "cluster.nproc_per_node=4",
+                   "tracking.enabled=false", f"data.cache_dir={data_cache}", "cluster.nproc_per_node=4",
                    "parallel.dp=4", "parallel.ep=4", "trainer.micro_batch_size=2", "trainer.eval_batches=4",
                    f"run.root={tmp_path}/run"]
     proc = launch(args, cwd=tmp_path)

@@ -35,17 +35,12 @@ LAYOUTS = {"one": [], "two": TWO, "ep2": EP2}
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, cache):
+def reference(tmp_path_factory, data_cache):
     """Uninterrupted runs, one per layout."""
     out = {}
     for name, extra in LAYOUTS.items():
         root = tmp_path_factory.mktemp(f"ref_{name}")
-        proc = launch(COMMON + extra + [f"run.root={root}", f"data.cache_dir={cache}"], cwd=root)
+        proc = launch(COMMON + extra + [f"run.root={root}", f"data.cache_dir={data_cache}"], cwd=root)
         assert proc.returncode == 0, describe(proc)
         out[name] = all_losses(root / "default")
         assert sorted(s for s, kind in out[name] if kind == "loss") == list(range(1, STEPS + 1))
@@ -58,8 +53,8 @@ def all_losses(run_dir: Path) -> dict[tuple[int, str], float]:
     return {(m["step"], kind): m[kind] for m in read_metrics(run_dir) for kind in ("loss", "val_loss") if kind in m}
 
 
-def _args(tmp_path, cache, extra=()):
-    return COMMON + list(extra) + [f"run.root={tmp_path}/runs", f"data.cache_dir={cache}"]
+def _args(tmp_path, data_cache, extra=()):
+    return COMMON + list(extra) + [f"run.root={tmp_path}/runs", f"data.cache_dir={data_cache}"]
 
 
 def _complete(run_dir: Path) -> list[str]:
@@ -77,9 +72,9 @@ def _complete(run_dir: Path) -> list[str]:
     ("two", "step6:1:USR2", 7),      # one rank signalled: every rank stops and saves together
     ("ep2", "step5", 4),
 ])
-def test_interrupted_run_resumes_bitwise(tmp_path, cache, reference, layout, kill_at, resumed_from):
+def test_interrupted_run_resumes_bitwise(tmp_path, data_cache, reference, layout, kill_at, resumed_from):
     extra = LAYOUTS[layout]
-    first = launch(_args(tmp_path, cache, extra), cwd=tmp_path, extra_env={"PEERLAB_TEST_KILL_AT": kill_at})
+    first = launch(_args(tmp_path, data_cache, extra), cwd=tmp_path, extra_env={"PEERLAB_TEST_KILL_AT": kill_at})
     if "TERM" in kill_at or "USR2" in kill_at:
         assert first.returncode == 75, describe(first)
         assert "stopped by a signal" in first.stdout + first.stderr
@@ -88,7 +83,7 @@ def test_interrupted_run_resumes_bitwise(tmp_path, cache, reference, layout, kil
     run_dir = tmp_path / "runs" / "default"
     assert _complete(run_dir)[-1] == f"step_{resumed_from:08d}"
 
-    second = launch(_args(tmp_path, cache, extra), cwd=tmp_path)
+    second = launch(_args(tmp_path, data_cache, extra), cwd=tmp_path)
     assert second.returncode == 0, describe(second)
     assert f"resumed from step_{resumed_from:08d}" in second.stdout
     steps = [m["step"] for m in read_metrics(run_dir) if "loss" in m]
@@ -99,17 +94,17 @@ def test_interrupted_run_resumes_bitwise(tmp_path, cache, reference, layout, kil
 @pytest.mark.parametrize("layout,kill_at", [
     ("one", "file2"), ("one", "before_manifest"), ("two", "file1:1"),
 ])
-def test_sigkill_during_save_resumes_from_previous_complete(tmp_path, cache, reference, layout, kill_at):
+def test_sigkill_during_save_resumes_from_previous_complete(tmp_path, data_cache, reference, layout, kill_at):
     extra = LAYOUTS[layout]
-    first = launch(_args(tmp_path, cache, extra + ["trainer.max_steps=7"]), cwd=tmp_path)
+    first = launch(_args(tmp_path, data_cache, extra + ["trainer.max_steps=7"]), cwd=tmp_path)
     assert first.returncode == 0, describe(first)  # complete checkpoints at 4 and 7 (the end)
-    second = launch(_args(tmp_path, cache, extra + ["trainer.max_steps=10", "checkpoint.every_steps=3"]),
+    second = launch(_args(tmp_path, data_cache, extra + ["trainer.max_steps=10", "checkpoint.every_steps=3"]),
                     cwd=tmp_path, extra_env={"PEERLAB_TEST_KILL_AT": kill_at})
     assert second.returncode != 0, describe(second)  # killed while saving step 9
     run_dir = tmp_path / "runs" / "default"
     assert _complete(run_dir)[-1] == "step_00000007"
     assert (run_dir / "checkpoints" / "step_00000009").exists(), "the killed save left its partial files"
-    third = launch(_args(tmp_path, cache, extra), cwd=tmp_path)
+    third = launch(_args(tmp_path, data_cache, extra), cwd=tmp_path)
     assert third.returncode == 0, describe(third)
     assert "resumed from step_00000007" in third.stdout
     got = all_losses(run_dir)
@@ -121,8 +116,8 @@ def test_sigkill_during_save_resumes_from_previous_complete(tmp_path, cache, ref
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
-def test_damaged_latest_checkpoint_falls_back(tmp_path, cache, reference, damage):
-    first = launch(_args(tmp_path, cache, ["trainer.max_steps=8"]), cwd=tmp_path)
+def test_damaged_latest_checkpoint_falls_back(tmp_path, data_cache, reference, damage):
+    first = launch(_args(tmp_path, data_cache, ["trainer.max_steps=8"]), cwd=tmp_path)
     assert first.returncode == 0, describe(first)
     run_dir = tmp_path / "runs" / "default"
     victim = run_dir / "checkpoints" / "step_00000008" / "mp_rank_00_model_states.pt"
@@ -133,7 +128,7 @@ def test_damaged_latest_checkpoint_falls_back(tmp_path, cache, reference, damage
         victim.write_bytes(data[: len(data) // 2])
     else:
         victim.unlink()
-    second = launch(_args(tmp_path, cache), cwd=tmp_path)
+    second = launch(_args(tmp_path, data_cache), cwd=tmp_path)
     assert second.returncode == 0, describe(second)
     lines = [ln for ln in second.stdout.splitlines() if "is damaged" in ln]
     assert len(lines) == 1 and "step_00000008" in lines[0] and "mp_rank_00_model_states.pt" in lines[0], second.stdout
@@ -141,9 +136,9 @@ def test_damaged_latest_checkpoint_falls_back(tmp_path, cache, reference, damage
     assert all_losses(run_dir) == reference["one"]
 
 
-def test_config_change_is_refused_with_every_key(tmp_path, cache):
-    assert launch(_args(tmp_path, cache, ["trainer.max_steps=4"]), cwd=tmp_path).returncode == 0
-    proc = launch(_args(tmp_path, cache, ["model.d_ff=96", "optim.lr=1e-2", "trainer.max_steps=20",
+def test_config_change_is_refused_with_every_key(tmp_path, data_cache):
+    assert launch(_args(tmp_path, data_cache, ["trainer.max_steps=4"]), cwd=tmp_path).returncode == 0
+    proc = launch(_args(tmp_path, data_cache, ["model.d_ff=96", "optim.lr=1e-2", "trainer.max_steps=20",
                                           "trainer.log_every=5"]), cwd=tmp_path)
     assert proc.returncode == 2, describe(proc)
     err = proc.stderr.strip().splitlines()[-1]
@@ -152,33 +147,33 @@ def test_config_change_is_refused_with_every_key(tmp_path, cache):
     assert "checkpoint.resume=false" in err
 
 
-def test_changing_the_expert_parallel_degree_is_refused(tmp_path, cache):
-    assert launch(_args(tmp_path, cache, EP2 + ["trainer.max_steps=2"]), cwd=tmp_path).returncode == 0
-    proc = launch(_args(tmp_path, cache, TWO), cwd=tmp_path)
+def test_changing_the_expert_parallel_degree_is_refused(tmp_path, data_cache):
+    assert launch(_args(tmp_path, data_cache, EP2 + ["trainer.max_steps=2"]), cwd=tmp_path).returncode == 0
+    proc = launch(_args(tmp_path, data_cache, TWO), cwd=tmp_path)
     assert proc.returncode == 2, describe(proc)
     errors = [ln for ln in proc.stderr.splitlines() if "error: checkpoint.dir=" in ln]
     assert errors and "parallel.ep (2 -> 1)" in errors[0], describe(proc)
 
 
-def test_load_step_and_retention(tmp_path, cache, reference):
-    args = _args(tmp_path, cache, ["checkpoint.every_steps=2", "checkpoint.keep_last=2", "trainer.max_steps=8"])
+def test_load_step_and_retention(tmp_path, data_cache, reference):
+    args = _args(tmp_path, data_cache, ["checkpoint.every_steps=2", "checkpoint.keep_last=2", "trainer.max_steps=8"])
     assert launch(args, cwd=tmp_path).returncode == 0
     run_dir = tmp_path / "runs" / "default"
     assert _complete(run_dir) == ["step_00000006", "step_00000008"]
     assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step_") and
                 not (p / "manifest.json").exists()]
-    proc = launch(_args(tmp_path, cache, ["checkpoint.load_step=6"]), cwd=tmp_path)
+    proc = launch(_args(tmp_path, data_cache, ["checkpoint.load_step=6"]), cwd=tmp_path)
     assert proc.returncode == 0, describe(proc)
     assert "resumed from step_00000006" in proc.stdout
     assert all_losses(run_dir) == reference["one"]
-    bad = launch(_args(tmp_path, cache, ["checkpoint.load_step=5"]), cwd=tmp_path)
+    bad = launch(_args(tmp_path, data_cache, ["checkpoint.load_step=5"]), cwd=tmp_path)
     assert bad.returncode == 2 and "checkpoint.load_step=5" in bad.stderr and "12" in bad.stderr, describe(bad)
 
 
-def test_external_sigterm_saves_and_exits_75(tmp_path, cache):
+def test_external_sigterm_saves_and_exits_75(tmp_path, data_cache):
     """A real signal from outside, as a scheduler sends it, to a running single-process run."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    args = _args(tmp_path, cache, ["trainer.max_steps=100000", "checkpoint.every_steps=0"])
+    args = _args(tmp_path, data_cache, ["trainer.max_steps=100000", "checkpoint.every_steps=0"])
     proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), *args], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "runs" / "default" / "metrics.jsonl"
@@ -226,10 +221,10 @@ def s3(tmp_path):
         server.wait(timeout=10)
 
 
-def test_s3_round_trip_and_resume(tmp_path, cache, reference, s3):
+def test_s3_round_trip_and_resume(tmp_path, data_cache, reference, s3):
     env, fs = s3
     url = "s3://ckpt-bucket/runs/exp1"
-    args = _args(tmp_path, cache, [f"checkpoint.dir={url}", "tracking.enabled=true"])
+    args = _args(tmp_path, data_cache, [f"checkpoint.dir={url}", "tracking.enabled=true"])
     first = launch(args, cwd=tmp_path, extra_env={**env, "PEERLAB_TEST_KILL_AT": "step6"})
     assert first.returncode != 0, describe(first)
     fs.invalidate_cache()
@@ -258,10 +253,10 @@ class _Exploit:
         return (os.system, (f"touch {os.environ.get('EXPLOIT_MARKER', '/tmp/peerlab-exploit')}",))
 
 
-def test_checkpoint_that_would_run_code_is_refused(tmp_path, cache):
+def test_checkpoint_that_would_run_code_is_refused(tmp_path, data_cache):
     """Even with a manifest whose checksums match (an attacker can rewrite both), loading never
     unpickles arbitrary objects: weights-only loading refuses them."""
-    assert launch(_args(tmp_path, cache, ["trainer.max_steps=4"]), cwd=tmp_path).returncode == 0
+    assert launch(_args(tmp_path, data_cache, ["trainer.max_steps=4"]), cwd=tmp_path).returncode == 0
     ckpt = tmp_path / "runs" / "default" / "checkpoints" / "step_00000004"
     marker = tmp_path / "exploit-ran"
     os.environ["EXPLOIT_MARKER"] = str(marker)
@@ -276,7 +271,7 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path, cache):
         (ckpt / "manifest.json").write_text(json.dumps(manifest))
     finally:
         del os.environ["EXPLOIT_MARKER"]
-    proc = launch(_args(tmp_path, cache), cwd=tmp_path)
+    proc = launch(_args(tmp_path, data_cache), cwd=tmp_path)
     assert proc.returncode != 0
     assert "refusing to load step_00000004" in proc.stderr and "allow-list" in proc.stderr, describe(proc)
     assert not marker.exists(), "loading a checkpoint executed code"

@@ -3,18 +3,12 @@ MLflow, checkpoints, and a second run that resumes from the first."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
 from tests.helpers import TINY, describe, launch, read_metrics, train_losses
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def data_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("data_cache")
 
 
 def test_train_then_resume(tmp_path, data_cache):
