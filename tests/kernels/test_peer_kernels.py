@@ -140,6 +140,44 @@ def test_rows_grad_and_gathered_dots():
     torch.testing.assert_close(gathered_dots(weight_ND, idx_TM, grad_TD), (weight_ND[idx_TM] * grad_TD[:, None]).sum(-1))
 
 
+@pytest.fixture
+def compiled_gathered_dots(monkeypatch):
+    """Every CPU gathered dot goes through the torch.compile'd loop (normally large calls only)."""
+    import model.kernels.chunked as chunked
+
+    monkeypatch.setattr(chunked, "COMPILE_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(chunked, "_compiled_gathered_dots", None)
+    return chunked
+
+
+@pytest.mark.slow  # compiling costs ~30 s with a cold inductor cache
+def test_chunked_with_compiled_gathered_dots_matches_reference(compiled_gathered_dots):
+    # Same tolerance as the eager chunked backend: float64 sums in another order.
+    for shape, pattern in ((SHAPES[2], "duplicates"), (SHAPES[4], "one_expert"), (SHAPES[3], "random")):
+        tensors, idx, grad_y = make_inputs(*shape, dtype=torch.float64, pattern=pattern, seed=sum(shape))
+        want = forward_backward("reference", "gelu", tensors, idx, grad_y)
+        got = forward_backward("chunked", "gelu", tensors, idx, grad_y)
+        assert_all_close(got, want, rtol=1e-10, atol_scale=1e-12)
+    assert compiled_gathered_dots._compiled_gathered_dots, "the compiled path was not taken"
+
+
+def test_gathered_dots_falls_back_when_compiling_fails(compiled_gathered_dots, monkeypatch):
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("no C++ compiler")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    gen = torch.Generator().manual_seed(2)
+    weight_ND = torch.randn(9, 5, generator=gen, dtype=torch.float64)
+    idx_TM = torch.randint(0, 9, (4, 3), generator=gen)
+    x_TD = torch.randn(4, 5, generator=gen, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed.*no C\\+\\+ compiler"):
+        got = gathered_dots(weight_ND, idx_TM, x_TD)
+    torch.testing.assert_close(got, (weight_ND[idx_TM] * x_TD[:, None]).sum(-1))
+    assert compiled_gathered_dots._compiled_gathered_dots is False  # not retried on every call
+
+
 @needs_triton
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize(
