@@ -46,7 +46,7 @@ def _chunk_tokens(num_rows_per_token: int, d_model: int, element_size: int) -> i
 
 # Below this many multiply-adds (T x M x D) a gathered dot is a few milliseconds and the eager
 # path wins: compiling costs about 6 s per process with inductor's cache warm, 30 s cold.
-COMPILE_MIN_ELEMENTS = 1 << 24
+COMPILE_MIN_ELEMENTS = 1 << 22
 _compiled_gathered_dots = None  # built on first large call; False once compiling has failed
 
 
