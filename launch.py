@@ -5,6 +5,7 @@
     python launch.py cluster.nproc_per_node=2 parallel.dp=2
     python launch.py cluster=slurm cluster.partition=gpu cluster.nproc_per_node=8 cluster.gpus_per_node=8 parallel.dp=8
     python launch.py -m optim.lr=1e-3,3e-3             # a sweep: one run per point, then a table of losses
+    python launch.py experiment=isoflop isoflop.budget=2e13   # isoFLOP study: planned sweep + report
     python launch.py cluster.dry_run=true ...          # print what would run (sbatch script), start nothing
     python launch.py --cfg job                         # print the composed config
     python launch.py --help                            # config groups; every key's doc: python -m orchestrator.config
@@ -15,6 +16,7 @@ and handed to a launcher. Bad input exits with code 2 and one line, before any p
 
 from __future__ import annotations
 
+import copy
 import os
 import shlex
 import sys
@@ -57,7 +59,7 @@ def to_train_config(cfg: DictConfig) -> TrainConfig:
     return train_cfg
 
 
-def _precheck(argv: list[str]) -> None:
+def _precheck(argv: list[str]) -> list[str]:
     """Compose and validate before Hydra's own run, so that every refusal is one line, exit 2.
 
     Hydra reports composition errors (unknown key, unknown group option, bad override syntax) over
@@ -65,9 +67,12 @@ def _precheck(argv: list[str]) -> None:
     (-m) is expanded as Hydra's basic sweeper does and every point is checked before any starts:
     one bad point refuses the whole sweep. For cluster=slurm, what Slurm would refuse (no sbatch,
     an unknown partition, a rejected request) is found here too. A dry run prints and exits here.
+
+    Returns the arguments for Hydra: those given, except that an isoFLOP study (isoflop settings
+    without isoflop.point) becomes a sweep over the points of its plan (orchestrator/isoflop.py).
     """
     if any(a.split("=")[0] in _INFO_FLAGS for a in argv):
-        return  # info flags start nothing
+        return argv  # info flags start nothing
     multirun = any(a in ("-m", "--multirun") for a in argv)
     overrides, skip = [], False
     for arg in argv:
@@ -91,6 +96,7 @@ def _precheck(argv: list[str]) -> None:
     if multirun:
         os.environ[_SWEPT_KEYS_ENV] = ",".join(sorted(_swept_keys(overrides)))
     checked: list[tuple[list[str], TrainConfig]] = []
+    plan_sizes = set()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         for num, point in enumerate(points):
             where = f"sweep point {num} ({' '.join(point)}): " if multirun else ""
@@ -99,13 +105,72 @@ def _precheck(argv: list[str]) -> None:
             except (HydraException, OmegaConfBaseException) as exc:
                 fail(where + _one_line_hydra_error(exc, point))
             try:
-                checked.append((point, to_train_config(cfg)))
+                expanded = _isoflop_expand(cfg, point)
+                if expanded is None:
+                    checked.append((point, to_train_config(cfg)))
+                else:
+                    checked += expanded
+                    plan_sizes.add(len(expanded))
             except ConfigError as exc:
                 fail(where + str(exc))
+    if plan_sizes:
+        if len(plan_sizes) > 1:
+            fail(f"{' '.join(overrides)}: the swept values give isoFLOP plans of different sizes "
+                 f"({sorted(plan_sizes)} points); fix: sweep only keys that keep isoflop.methods and isoflop.ladder")
+        argv = (argv if multirun else ["-m", *argv]) + [
+            "isoflop.point=" + ",".join(str(i) for i in range(plan_sizes.pop()))]
+        os.environ[_SWEPT_KEYS_ENV] = ",".join(sorted(_swept_keys(overrides) | {"isoflop.point"}))
+        multirun = True
     if any(c.cluster.dry_run for _, c in checked):
         _dry_run(checked, multirun)
         sys.exit(0)
     _slurm_preflight([c for _, c in checked], multirun)
+    return argv
+
+
+def _isoflop_expand(cfg: DictConfig, overrides: list[str]) -> list[tuple[list[str], TrainConfig]] | None:
+    """An isoFLOP study's points, each checked: None unless `cfg` has isoflop settings and no
+    isoflop.point (a single point is applied and checked like any run, see main)."""
+    if cfg.get("isoflop") is None:
+        return None
+    if cfg.isoflop.get("point") is not None:
+        return [(overrides, to_train_config(_apply_isoflop_point(cfg)[0]))]
+    from orchestrator.isoflop import format_plan, plan
+
+    to_train_config(cfg)  # the base config first: its own errors name its own keys
+    raw = OmegaConf.to_container(cfg, resolve=True)
+    planned = plan(raw)
+    print(f"isoFLOP plan: {len(planned)} points at {cfg.isoflop.budget:.4g} training FLOPs each"
+          + (f" ({' '.join(overrides)})" if overrides else "") + "\n" + format_plan(planned), flush=True)
+    out = []
+    for p in planned:
+        point_cfg = copy.deepcopy(cfg)
+        _set_keys(point_cfg, {**p.overrides, "isoflop.point": p.index})
+        out.append((overrides + p.override_strings(), to_train_config(point_cfg)))
+    return out
+
+
+def _set_keys(cfg: DictConfig, values: dict) -> None:
+    from omegaconf import open_dict
+
+    with open_dict(cfg):
+        for key, value in values.items():
+            OmegaConf.update(cfg, key, value, merge=False)
+
+
+def _apply_isoflop_point(cfg: DictConfig) -> tuple[DictConfig, list[str]]:
+    """With isoflop.point set: the config with that point's planned overrides (re-planned from the
+    config, so each point of the sweep finds its own), and the overrides as strings."""
+    if cfg.get("isoflop") is None or cfg.isoflop.get("point") is None:
+        return cfg, []
+    from orchestrator.isoflop import point_config
+
+    try:
+        _, point = point_config(OmegaConf.to_container(cfg, resolve=True))
+    except ConfigError as exc:
+        fail(str(exc))
+    _set_keys(cfg, point.overrides)
+    return cfg, point.override_strings()
 
 
 def _sweep_points(overrides: list[str]) -> list[list[str]]:
@@ -206,7 +271,8 @@ _SWEEP: list[dict] = []
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    point = _sweep_point(cfg)
+    cfg, isoflop_overrides = _apply_isoflop_point(cfg)
+    point = _sweep_point(cfg, isoflop_overrides)
     try:
         train_cfg = to_train_config(cfg)
     except ConfigError as exc:
@@ -236,9 +302,10 @@ def main(cfg: DictConfig) -> None:
     sys.exit(_run_here(train_cfg, cfg_dict, in_sweep=False))
 
 
-def _sweep_point(cfg: DictConfig) -> dict | None:
+def _sweep_point(cfg: DictConfig, extra_overrides: list[str]) -> dict | None:
     """In a sweep (-m), give this point its own run.dir (<sweep dir>/<job number>) and run.name
-    (unless the sweep sets them) and tag its MLflow run with the sweep id and its overrides."""
+    (unless the sweep sets them) and tag its MLflow run with the sweep id and its overrides
+    (plus `extra_overrides`: an isoFLOP point's planned ones)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
     from omegaconf import open_dict
@@ -248,6 +315,7 @@ def _sweep_point(cfg: DictConfig) -> dict | None:
         return None
     swept = set(filter(None, os.environ.get(_SWEPT_KEYS_ENV, "").split(",")))
     overrides = [o for o in hc.overrides.task if o.split("=", 1)[0] in swept] or list(hc.overrides.task)
+    overrides += extra_overrides
     sweep_dir = os.path.abspath(str(hc.sweep.dir))
     sweep_id, num = os.path.basename(sweep_dir), int(hc.job.num)
     keys = {o.split("=", 1)[0].lstrip("+~") for o in hc.overrides.task}
@@ -355,15 +423,22 @@ def _finish_sweep() -> int:
         status = status or code
     local_codes = [p["code"] for p in _SWEEP if p["cfg"].cluster.kind != "slurm"]
     status = status or next((c for c in local_codes if c), 0)
+    isoflop = any(p["cfg"].isoflop is not None for p in _SWEEP)
     if not slurm_points or all(p["cfg"].cluster.wait for p in slurm_points):
         print(table(sweep_dir), flush=True)
+        if isoflop:
+            from orchestrator.isoflop import report
+
+            print(report(sweep_dir), flush=True)
     else:
         print(f"table of final losses once the jobs are done: python -m orchestrator.sweep {sweep_dir}", flush=True)
+        if isoflop:
+            print(f"isoFLOP report once the jobs are done: python -m orchestrator.isoflop report {sweep_dir}", flush=True)
     return status
 
 
 if __name__ == "__main__":
-    _precheck(sys.argv[1:])
+    sys.argv[1:] = _precheck(sys.argv[1:])
     main()
     if _SWEEP:
         sys.exit(_finish_sweep())

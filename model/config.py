@@ -8,6 +8,7 @@ in its metadata; `orchestrator.config.describe()` prints them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 
 def doc(text: str):
@@ -15,7 +16,7 @@ def doc(text: str):
     return field(metadata={"doc": text})
 
 
-FFN_KINDS = ("dense", "peer", "moe")
+FFN_KINDS = ("dense", "peer", "moe", "pkm")
 ACTIVATIONS = ("relu", "gelu")
 PEER_IMPLS = ("reference", "fused", "auto")
 
@@ -31,6 +32,18 @@ class PeerConfig:
     query_batchnorm: bool = doc("BatchNorm on the query (the paper's default, raises expert usage)")
     activation: str = doc("expert non-linearity: relu or gelu")
     impl: str = doc("expert compute: reference (readable PyTorch), fused (Triton on CUDA, chunked torch ops on CPU; model/kernels/), or auto (the fastest correct one for the device: fused today)")
+
+
+@dataclass
+class PKMConfig:
+    """Product-key memory (Lample et al. 2019): PEER's retrieval over a table of value rows only."""
+
+    num_values: int = doc("N, memory slots (value rows of width d_model); a perfect square (sqrt(N) sub-keys per half)")
+    num_heads: int = doc("h, memory heads; each has its own query net and its own product keys, all share the value table")
+    top_k: int = doc("k, slots retrieved per head (also the k of each sub-key top-k); at most sqrt(N)")
+    d_key: int = doc("query/key width; even, split into two halves for the product keys")
+    query_batchnorm: bool = doc("BatchNorm on the query (Lample et al.'s default, raises slot usage)")
+    impl: str = doc("retrieval and value gather: reference (readable PyTorch) or fused/auto (chunked torch ops on CPU, model/kernels/)")
 
 
 @dataclass
@@ -58,7 +71,7 @@ class ModelConfig:
     num_attention_heads: int = doc("attention heads; must divide d_model")
     max_seq_len: int = doc("longest sequence the rotary tables cover; at least data.seq_len")
     d_ff: int = doc("hidden width of the dense MLP blocks")
-    ffn: str = doc("feed-forward of the sparse blocks: dense, peer or moe")
+    ffn: str = doc("feed-forward of the sparse blocks: dense, peer, moe or pkm")
     sparse_layers: list = doc("block indices that get the `ffn` layer; [] means the middle block (the paper's choice)")
     tie_embeddings: bool = doc("share the input embedding and the output projection")
     rope_theta: float = doc("rotary base frequency")
@@ -66,6 +79,10 @@ class ModelConfig:
     init_std: float = doc("std of the normal init of linear and embedding weights")
     peer: PeerConfig = doc("PEER settings, used where ffn=peer")
     moe: MoEConfig = doc("MoE settings, used where ffn=moe")
+    # Last and optional so that models built in code without a memory need not name it; the
+    # YAML schema still requires the key (conf/model/dense.yaml carries a block every model inherits).
+    pkm: Optional[PKMConfig] = field(default=None, metadata={
+        "doc": "PKM settings, used where ffn=pkm (the YAML always carries the block; null only for other ffn kinds)"})
 
     def sparse_layer_indices(self) -> list[int]:
         """Blocks that hold the `ffn` layer; every other block has a dense MLP."""

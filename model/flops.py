@@ -15,6 +15,9 @@ Conventions
 - PEER per layer: query nets 2 d h d_key; sub-key scores 2 * h * 2 * sqrt(N) * (d_key/2);
   candidate sums h k^2 (one add each); per head and retrieved expert 2d (u . x) + 2d
   (accumulate the weighted v) + 1 (gate x activation). Retrieval is counted, it is not free.
+- PKM per layer (Lample et al. 2019; values only): query nets 2 d h d_key; sub-key scores
+  2 * h * 2 * sqrt(N) * (d_key/2) (each head has its own keys, same count); candidate sums h k^2;
+  per head and retrieved slot 2d (accumulate the weighted value row). Retrieval is counted.
 - MoE per layer: gate 2 d E; top_k experts of 2 * 2 d d_ff each. These are useful FLOPs: the
   capacity padding DeepSpeed computes (and the tokens it drops) are not counted.
 
@@ -26,7 +29,8 @@ Parameters
 - `embedding_params`: the input embedding plus an untied output projection (V d each).
 - `active_params_per_token`: total minus the expert parameters a token does not use: a PEER
   token touches at most min(h k, N) distinct experts (2d parameters each, U and V rows; heads
-  can retrieve the same expert, so this is an upper bound), an MoE token top_k of E experts.
+  can retrieve the same expert, so this is an upper bound), a PKM token min(h k, N) value rows
+  (d each), an MoE token top_k of E experts.
   Embedding tables count as fully active.
 """
 
@@ -89,6 +93,8 @@ def count_model(cfg: ModelConfig, seq_len: int) -> ModelCounts:
             _add_peer(parts, cfg)
         elif kind == "moe":
             _add_moe(parts, cfg)
+        elif kind == "pkm":
+            _add_pkm(parts, cfg)
         else:
             raise ValueError(f"unknown ffn kind {kind!r}")
     parts["norms"].add(d, d, 0)  # final norm
@@ -126,6 +132,26 @@ def _add_peer(parts: dict[str, ComponentCounts], cfg: ModelConfig) -> None:
     retrieved = p.num_heads * p.top_k
     parts.setdefault("peer_experts", ComponentCounts()).add(
         expert_params, 2 * d * active_experts, retrieved * (2 * d + 2 * d + 1)
+    )
+
+
+def _add_pkm(parts: dict[str, ComponentCounts], cfg: ModelConfig) -> None:
+    d, p = cfg.d_model, cfg.pkm
+    num_sub_keys = math.isqrt(p.num_values)
+    query_features = p.num_heads * p.d_key
+    # Per-head keys: h sub-key tables per half (PEER shares one); the score FLOPs are the same.
+    retrieval_params = d * query_features + p.num_heads * 2 * num_sub_keys * (p.d_key // 2)
+    if p.query_batchnorm:
+        retrieval_params += 2 * query_features
+    retrieval_flops = (
+        2 * d * query_features
+        + 2 * p.num_heads * 2 * num_sub_keys * (p.d_key // 2)
+        + p.num_heads * p.top_k * p.top_k
+    )
+    parts.setdefault("pkm_retrieval", ComponentCounts()).add(retrieval_params, retrieval_params, retrieval_flops)
+    active_rows = min(p.num_heads * p.top_k, p.num_values)
+    parts.setdefault("pkm_values", ComponentCounts()).add(
+        p.num_values * d, active_rows * d, p.num_heads * p.top_k * 2 * d
     )
 
 

@@ -1,7 +1,7 @@
 """Decoder-only language model: pre-norm blocks of rotary causal attention and an FFN.
 
 Every block's FFN is a dense MLP, except the blocks in `cfg.sparse_layer_indices()`, which get
-the `cfg.ffn` layer (PEER, DeepSpeed MoE, or dense). Architecture only: parallelism is applied
+the `cfg.ffn` layer (PEER, DeepSpeed MoE, a PKM memory, or dense). Architecture only: parallelism is applied
 to a built model from outside (orchestrator/parallel).
 
 Legend (shape suffixes):
@@ -28,6 +28,7 @@ from model.config import FFN_KINDS, ModelConfig
 from model.mlp import DenseMLP
 from model.moe import MoEFeedForward
 from model.peer import PEER
+from model.pkm import PKM
 
 
 class LMOutput(NamedTuple):
@@ -165,6 +166,14 @@ class TransformerLM(nn.Module):
             if isinstance(module, PEER):
                 yield module
 
+    def retrieval_layers(self) -> Iterator[PEER | PKM]:
+        """The product-key layers whose retrieval usage the trainer measures at evaluation: PEER
+        layers and PKM memories (same interface: track_usage, reset_usage, usage_counts,
+        num_experts), so both report usage and KL-to-uniform through one path."""
+        for module in self.modules():
+            if isinstance(module, (PEER, PKM)):
+                yield module
+
     def moe_layers(self) -> Iterator[MoEFeedForward]:
         for module in self.modules():
             if isinstance(module, MoEFeedForward):
@@ -195,6 +204,10 @@ def _build_ffn(cfg: ModelConfig, kind: str, output_init_std: float, expert_paral
         return PEER(cfg.d_model, cfg.peer, cfg.init_std, output_init_std=output_init_std)
     if kind == "moe":
         return MoEFeedForward(cfg.d_model, cfg.moe, cfg.init_std, expert_parallel_size, output_init_std)
+    if kind == "pkm":
+        if cfg.pkm is None:
+            raise ValueError("ffn='pkm' needs cfg.pkm (a PKMConfig)")
+        return PKM(cfg.d_model, cfg.pkm, cfg.init_std, output_init_std=output_init_std)
     raise ValueError(f"unknown ffn kind {kind!r}")
 
 

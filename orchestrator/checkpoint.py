@@ -56,6 +56,7 @@ RESUMABLE_CHANGES = (
     "trainer.max_steps", "trainer.log_every", "trainer.eval_every", "trainer.eval_batches",
     "trainer.progress_bar", "trainer.device", "optim.decay_steps", "checkpoint.", "tracking.", "run.",
     "data.cache_dir", "model.peer.impl", "cluster.",
+    "isoflop", "isoflop.",  # study metadata; a point's own overrides are ordinary keys, compared above
 )
 
 
@@ -161,6 +162,8 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     for key in sorted(set(a) | set(b)):
         if any(key == p or (p.endswith(".") and key.startswith(p)) for p in RESUMABLE_CHANGES):
             continue
+        if key.startswith("model.pkm") and "pkm" not in (a.get("model.ffn"), b.get("model.ffn")):
+            continue  # a model without a PKM layer (configs saved before model.pkm existed lack the block)
         if a.get(key, "<absent>") != b.get(key, "<absent>"):
             out.append(f"{key} ({a.get(key, '<absent>')} -> {b.get(key, '<absent>')})")
     return out

@@ -36,6 +36,15 @@ def test_config_differences_allow_schedule_length_and_intervals():
     assert config_differences(saved, current) == ["model.d_model (64 -> 128)", "trainer.seed (1 -> 2)"]
 
 
+def test_config_differences_ignore_an_unused_pkm_block_and_isoflop_metadata():
+    # A checkpoint written before model.pkm and isoflop existed resumes under today's config.
+    saved = {"model": {"ffn": "peer", "d_model": 64}}
+    current = {"model": {"ffn": "peer", "d_model": 64, "pkm": {"num_values": 16384}}, "isoflop": None}
+    assert config_differences(saved, current) == []
+    saved["model"]["ffn"] = current["model"]["ffn"] = "pkm"
+    assert config_differences(saved, current) == ["model.pkm.num_values (<absent> -> 16384)"]
+
+
 def test_rng_state_round_trip_through_weights_only_file(tmp_path):
     torch.manual_seed(3), np.random.seed(3), random.seed(3)
     state = rng_state()
