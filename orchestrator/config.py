@@ -53,9 +53,10 @@ class OptimConfig:
 class ParallelConfig:
     dp: int = doc("data-parallel degree; dp x tp x pp must equal the world size")
     ep: int = doc("expert-parallel degree; divides dp: PEER layers split the columns of U and V (ep divides d_model), MoE layers their experts, across groups of ep ranks")
-    tp: int = doc("tensor-parallel degree (only 1 until tensor parallelism lands)")
-    pp: int = doc("pipeline-parallel degree (only 1 until pipeline parallelism lands)")
+    tp: int = doc("tensor-parallel degree: ranks that split attention heads, MLP hidden units and PEER U/V columns (Megatron style; docs/tensor_parallel.md); divides the head count")
+    pp: int = doc("pipeline-parallel degree: stages of contiguous blocks (counts differ by at most one; at most model.num_layers), through DeepSpeed's pipeline engine; ZeRO 0 or 1")
     zero_stage: int = doc("DeepSpeed ZeRO stage: 0, 1 or 2")
+    pp_microbatches: int = doc("pipeline micro-batches per trainer micro-batch: each micro-batch of trainer.micro_batch_size sequences is split into this many (it must divide micro_batch_size), so a step runs grad_accum_steps x this many through the pipeline and the global batch is unchanged; 1 when pp=1")
 
 
 @dataclass
@@ -113,6 +114,19 @@ class ClusterConfig:
 
 
 @dataclass
+class IsoflopConfig:
+    """An isoFLOP study (experiment=isoflop, orchestrator/isoflop.py): every method at every rung
+    of a ladder of models, each trained on the tokens that spend `budget` training FLOPs."""
+
+    budget: float = doc("training FLOPs of every point (3 x forward FLOPs per token of model/flops.py x tokens); each point trains budget / FLOPs-per-token tokens, rounded to whole optimizer steps")
+    methods: list = doc("methods to compare, values of model.ffn: dense, moe, pkm, peer")
+    ladder: list = doc("model sizes: one mapping of model keys per rung (nested ones dotted, e.g. {d_model: 64, num_layers: 2, moe.d_ff: 256}), applied to every method")
+    warmup_fraction: float = doc("each point's optim.warmup_steps as a share of its steps (cosine decay then runs to its last step)")
+    min_steps: int = doc("refuse a plan whose point would train fewer optimizer steps than this (budget too small for the size)")
+    point: Optional[int] = doc("index of this run in the plan; launch.py sets it for each point of the sweep (null: plan and run them all)")
+
+
+@dataclass
 class TrainConfig:
     run: RunConfig = doc("run naming and directories")
     model: ModelConfig = doc("the language model")
@@ -123,6 +137,9 @@ class TrainConfig:
     checkpoint: CheckpointConfig = doc("checkpoint saving and resumption")
     tracking: TrackingConfig = doc("MLflow tracking")
     cluster: ClusterConfig = doc("process placement")
+    # Optional and last: only experiment=isoflop (and the ablations) set it; the trainer ignores it.
+    isoflop: Optional[IsoflopConfig] = dataclasses.field(default=None, metadata={
+        "doc": "isoFLOP study settings (experiment=isoflop); null for an ordinary run"})
 
     @property
     def world_size(self) -> int:
@@ -218,6 +235,8 @@ def describe(cls: type = TrainConfig, prefix: str = "") -> list[str]:
     lines = []
     for f in dataclasses.fields(cls):
         hint = typing.get_type_hints(cls)[f.name]
+        if typing.get_origin(hint) is typing.Union:  # Optional[SomeConfig]: document its keys
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))
         if dataclasses.is_dataclass(hint):
             lines += describe(hint, f"{prefix}{f.name}.")
         else:
@@ -237,6 +256,37 @@ def validate(cfg: TrainConfig, *, cuda_device_count: int = 0) -> None:
     _validate_cluster(cfg.cluster)  # before the parallel degrees, which are checked against it
     _validate_parallel(cfg)
     _validate_io(cfg)
+    if cfg.isoflop is not None:
+        _validate_isoflop(cfg.isoflop)
+
+
+def _validate_isoflop(s: IsoflopConfig) -> None:
+    if not s.budget > 0:
+        raise ConfigError("isoflop.budget", s.budget, "must be a positive number of FLOPs", "set isoflop.budget=1e13")
+    if not s.methods:
+        raise ConfigError("isoflop.methods", s.methods, "is empty", "set isoflop.methods=[dense,moe,pkm,peer]")
+    for method in s.methods:
+        if method not in FFN_KINDS:
+            raise ConfigError("isoflop.methods", s.methods, f"{method!r} is not a method (a value of model.ffn)",
+                              f"use methods among: {', '.join(FFN_KINDS)}")
+    if len(set(s.methods)) != len(s.methods):
+        raise ConfigError("isoflop.methods", s.methods, "names a method twice", "list each method once")
+    if not s.ladder:
+        raise ConfigError("isoflop.ladder", s.ladder, "is empty", "give at least one rung, e.g. isoflop.ladder=[{d_model: 64}]")
+    model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
+    for num, rung in enumerate(s.ladder):
+        if not isinstance(rung, dict):
+            raise ConfigError(f"isoflop.ladder[{num}]", rung, "is not a mapping of model keys",
+                              "write each rung as {d_model: 64, num_layers: 2, ...}")
+        for key in rung:
+            if str(key).split(".")[0] not in model_keys:
+                raise ConfigError(f"isoflop.ladder[{num}]", rung, f"{key!r} is not a model key",
+                                  "use keys of model.* (see python -m orchestrator.config), nested ones dotted")
+    if not 0.0 <= s.warmup_fraction < 1.0:
+        raise ConfigError("isoflop.warmup_fraction", s.warmup_fraction, "must be in [0, 1)", "set isoflop.warmup_fraction=0.1")
+    _positive("isoflop.min_steps", s.min_steps)
+    if s.point is not None:
+        _positive("isoflop.point", s.point, 0)
 
 
 def _positive(key: str, value: int | float, minimum: int | float = 1) -> None:
@@ -278,6 +328,35 @@ def _validate_model(cfg: TrainConfig) -> None:
         _validate_peer(m.peer)
     if m.ffn == "moe":
         _validate_moe(m.moe)
+    if m.ffn == "pkm":
+        _validate_pkm(cfg)
+
+
+def _validate_pkm(cfg: TrainConfig) -> None:
+    p = cfg.model.pkm
+    if p is None:
+        raise ConfigError("model.pkm", None, "model.ffn=pkm needs the memory's settings",
+                          "use model=pkm (conf/model/pkm.yaml) or set the model.pkm block")
+    _positive("model.pkm.num_values", p.num_values, 4)
+    root = math.isqrt(p.num_values)
+    if root * root != p.num_values:
+        raise ConfigError("model.pkm.num_values", p.num_values,
+                          "must be a perfect square (product keys split slots into sqrt(N) x sqrt(N))",
+                          f"use {root * root} ({root}^2) or {(root + 1) ** 2} ({root + 1}^2)")
+    _positive("model.pkm.num_heads", p.num_heads)
+    _positive("model.pkm.top_k", p.top_k)
+    if p.top_k > root:
+        raise ConfigError("model.pkm.top_k", p.top_k,
+                          f"exceeds sqrt(num_values)={root}, the number of sub-keys per half",
+                          f"set model.pkm.top_k<={root} or raise model.pkm.num_values")
+    _positive("model.pkm.d_key", p.d_key, 2)
+    if p.d_key % 2:
+        raise ConfigError("model.pkm.d_key", p.d_key, "must be even (split into two product-key halves)",
+                          f"set model.pkm.d_key={p.d_key + 1}")
+    _one_of("model.pkm.impl", p.impl, PEER_IMPLS)
+    if cfg.parallel.ep > 1:
+        raise ConfigError("parallel.ep", cfg.parallel.ep, "PKM memories are not expert-parallel (the value table is "
+                          "replicated)", "set parallel.ep=1 with model=pkm")
 
 
 def _validate_peer(p: PeerConfig) -> None:
@@ -374,12 +453,7 @@ def _validate_parallel(cfg: TrainConfig) -> None:
     p, world = cfg.parallel, cfg.world_size
     for key in ("dp", "ep", "tp", "pp"):
         _positive(f"parallel.{key}", getattr(p, key))
-    if p.tp > 1:
-        raise ConfigError("parallel.tp", p.tp, "tensor parallelism is not implemented yet",
-                          "set parallel.tp=1 and scale with parallel.dp (and parallel.ep for MoE)")
-    if p.pp > 1:
-        raise ConfigError("parallel.pp", p.pp, "pipeline parallelism is not implemented yet",
-                          "set parallel.pp=1 and scale with parallel.dp (and parallel.ep for MoE)")
+    _validate_pipeline(cfg)
     product = p.dp * p.tp * p.pp
     if product != world:
         raise ConfigError("parallel.dp", p.dp,
@@ -408,6 +482,7 @@ def _validate_parallel(cfg: TrainConfig) -> None:
             raise ConfigError("parallel.ep", p.ep,
                               f"does not divide model.moe.num_experts={cfg.model.moe.num_experts}",
                               "choose ep dividing the number of experts")
+    _validate_tensor_parallel(cfg)
     if cfg.trainer.eval_batches % p.dp:
         # Every rank must run the same number of evaluation forwards: MoE layers exchange tokens
         # across ranks in each forward, and a rank with an extra batch would wait forever.
@@ -417,6 +492,92 @@ def _validate_parallel(cfg: TrainConfig) -> None:
     if p.zero_stage not in (0, 1, 2):
         raise ConfigError("parallel.zero_stage", p.zero_stage, "supported ZeRO stages are 0, 1 and 2",
                           "set parallel.zero_stage to 0, 1 or 2")
+
+
+def _validate_tensor_parallel(cfg: TrainConfig) -> None:
+    """What tensor parallelism splits must split evenly (orchestrator/parallel/tensor_parallel.py,
+    docs/tensor_parallel.md); dp x tp x pp = world is checked before."""
+    p, m = cfg.parallel, cfg.model
+    if p.tp == 1:
+        return
+
+    def divisors_of(n: int) -> str:
+        return ", ".join(str(t) for t in range(1, n + 1) if n % t == 0)
+
+    if m.num_attention_heads % p.tp:
+        raise ConfigError("parallel.tp", p.tp,
+                          f"does not divide model.num_attention_heads={m.num_attention_heads} (each tp rank "
+                          "computes heads/tp attention heads)",
+                          f"choose tp among the divisors of the head count: {divisors_of(m.num_attention_heads)}")
+    if (m.ffn == "dense" or len(m.sparse_layer_indices()) < m.num_layers) and m.d_ff % p.tp:
+        raise ConfigError("parallel.tp", p.tp,
+                          f"does not divide model.d_ff={m.d_ff} (each tp rank holds d_ff/tp hidden units of "
+                          "every dense MLP)", f"choose tp among the divisors of d_ff: {divisors_of(m.d_ff)}")
+    if m.ffn == "peer" and m.d_model % (p.tp * p.ep):
+        raise ConfigError("parallel.tp", p.tp,
+                          f"times parallel.ep={p.ep} ({p.tp * p.ep} ranks) does not divide model.d_model={m.d_model} (each rank holds "
+                          "d_model/(tp*ep) columns of every PEER expert's u and v)",
+                          "choose tp and ep whose product divides d_model")
+    if m.ffn == "moe":
+        _validate_moe_tensor_parallel(cfg)
+
+
+def _validate_moe_tensor_parallel(cfg: TrainConfig) -> None:
+    """DeepSpeed MoE under tp: experts tp-sharded, capacity slots split over the tp ranks."""
+    p, moe = cfg.parallel, cfg.model.moe
+    if moe.d_ff % p.tp:
+        raise ConfigError("parallel.tp", p.tp,
+                          f"does not divide model.moe.d_ff={moe.d_ff} (each tp rank holds d_ff/tp hidden units "
+                          "of every expert)", "choose tp dividing model.moe.d_ff")
+    for key, on in (("second_expert_sampling", moe.second_expert_sampling),
+                    ("random_token_selection", moe.random_token_selection)):
+        if on:
+            # DeepSpeed draws the routing noise from each rank's generator, but the tp ranks of a
+            # replica must route their (identical) tokens identically.
+            raise ConfigError(f"model.moe.{key}", on, "random MoE routing is not supported with parallel.tp>1 "
+                              "(the tp ranks of a replica must route identically)",
+                              f"set model.moe.{key}=false")
+    import torch  # DeepSpeed's own arithmetic (float32 factor), so the check agrees with it
+
+    tokens = cfg.trainer.micro_batch_size * cfg.data.seq_len
+    for key, factor in (("capacity_factor", moe.capacity_factor), ("eval_capacity_factor", moe.eval_capacity_factor)):
+        capacity = max(int(torch.ceil((tokens / moe.num_experts) * torch.tensor(factor * moe.top_k))),
+                       moe.min_capacity)
+        if capacity % p.tp:
+            # DeepSpeed's MoE splits each expert's capacity slots over the tp ranks before its
+            # all-to-all (deepspeed/moe/mappings.py drop_tokens) and asserts they divide.
+            raise ConfigError(f"model.moe.{key}", factor,
+                              f"gives {capacity} slots per expert (max(ceil(micro_batch_size x seq_len / "
+                              f"num_experts x {key} x top_k), min_capacity)), not divisible by parallel.tp={p.tp}",
+                              f"choose a {key} that makes it a multiple of {p.tp}, or change "
+                              "trainer.micro_batch_size")
+
+
+def _validate_pipeline(cfg: TrainConfig) -> None:
+    """Pipeline parallelism (orchestrator/parallel/pipeline.py, docs/pipeline_parallel.md)."""
+    p, t = cfg.parallel, cfg.trainer
+    _positive("parallel.pp_microbatches", p.pp_microbatches)
+    if p.pp == 1:
+        if p.pp_microbatches != 1:
+            raise ConfigError("parallel.pp_microbatches", p.pp_microbatches,
+                              "splits micro-batches for a pipeline, but parallel.pp=1",
+                              "set parallel.pp_microbatches=1 (or parallel.pp>1)")
+        return
+    if p.pp > cfg.model.num_layers:
+        raise ConfigError("parallel.pp", p.pp,
+                          f"exceeds model.num_layers={cfg.model.num_layers}: every pipeline stage needs a block",
+                          f"set parallel.pp<={cfg.model.num_layers}")
+    if t.micro_batch_size % p.pp_microbatches:
+        raise ConfigError("parallel.pp_microbatches", p.pp_microbatches,
+                          f"does not divide trainer.micro_batch_size={t.micro_batch_size}",
+                          f"choose among its divisors: {_divisors(t.micro_batch_size)}")
+    if p.zero_stage >= 2:
+        raise ConfigError("parallel.zero_stage", p.zero_stage,
+                          "DeepSpeed's pipeline engine supports ZeRO 0 and 1 only (parallel.pp>1)",
+                          "set parallel.zero_stage=1 (or 0)")
+    if p.tp > 1:
+        raise ConfigError("parallel.tp", p.tp, "tensor parallelism combined with pipeline parallelism is not "
+                          "supported yet", "set parallel.tp=1 or parallel.pp=1")
 
 
 def _validate_io(cfg: TrainConfig) -> None:

@@ -78,8 +78,13 @@ def lr_lambda(optim: OptimConfig, max_steps: int):
     return factor
 
 
-def build_engine(model: nn.Module, cfg: TrainConfig, bf16: bool):
-    """deepspeed.initialize with our optimizer and schedule; returns (engine, scheduler)."""
+def build_engine(model: nn.Module, cfg: TrainConfig, bf16: bool, mpu=None):
+    """deepspeed.initialize with our optimizer and schedule; returns (engine, scheduler).
+
+    mpu: the layout's process groups (ParallelDims.grid()) when tp > 1. DeepSpeed then reduces
+    gradients and partitions ZeRO state over the data-parallel group only, names its files per
+    tp rank (mp_rank_XX), and its gradient norm counts tp-sharded parameters (marked
+    `tensor_model_parallel`) on every tp rank and replicated ones once."""
     import deepspeed
     from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
 
@@ -94,7 +99,7 @@ def build_engine(model: nn.Module, cfg: TrainConfig, bf16: bool):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o, cfg.trainer.max_steps))
     with _expert_params_count_as_moe(model):
         engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                       config=deepspeed_config(cfg, bf16))
+                                                       config=deepspeed_config(cfg, bf16), mpu=mpu)
     return engine, scheduler
 
 

@@ -70,8 +70,12 @@ class Trainer:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="nccl" if self.use_cuda else "gloo", auto_mpi_discovery=False)
-        # dp x tp x pp = world with tp = pp = 1 for now: every rank is its own data-parallel shard.
-        self.dp_rank, self.dp_size = dist.get_rank(), dist.get_world_size()
+        # Data comes by data-parallel rank: the tp ranks and pp stages of one replica read the same
+        # batches (the first and last stage of a pipeline both need them: inputs and targets).
+        from orchestrator.parallel.dims import ParallelDims
+
+        mesh = ParallelDims.from_config(self.cfg.parallel)
+        self.dp_rank, self.dp_size = mesh.coords(dist.get_rank()).dp, mesh.dp
 
     def _prepare_data(self):
         from orchestrator.data import TrainBatches, ValBatches, prepare_corpus
@@ -108,12 +112,21 @@ class Trainer:
         # unsharded init, never the whole table), and re-draws MoE experts by global index.
         torch.manual_seed(self.cfg.trainer.seed)
         self.dims = ParallelDims.from_config(self.cfg.parallel)
-        with defer_expert_tables(enabled=self.dims.ep > 1):
+        # With pp > 1 too: a stage builds only its own layers' tables (pipeline.to_pipeline).
+        # With tp > 1 too: a tp rank builds only its d/tp columns (tensor_parallel.py).
+        with defer_expert_tables(enabled=self.dims.ep > 1 or self.dims.pp > 1 or self.dims.tp > 1):
             model = build_model(self.cfg.model, expert_parallel_size=self.cfg.parallel.ep)
         model = parallelize(model, self.dims)
         self.counts = count_model(self.cfg.model, self.cfg.data.seq_len)
         self.counts_text = format_counts(self.counts)
-        self.engine, self.scheduler = build_engine(model.to(self.device), self.cfg, self.bf16)
+        if self.dims.pp > 1:
+            from orchestrator.parallel.pipeline import build_pipeline_engine
+
+            self.engine, self.scheduler = build_pipeline_engine(model.to(self.device), self.cfg, self.bf16, self.dims)
+        else:
+            # tp > 1: DeepSpeed must know the groups (data-parallel reduction, ZeRO, norms, files).
+            mpu = self.dims.grid() if self.dims.tp > 1 else None
+            self.engine, self.scheduler = build_engine(model.to(self.device), self.cfg, self.bf16, mpu=mpu)
 
     @property
     def tokens_per_step(self) -> int:
@@ -187,6 +200,8 @@ class Trainer:
 
     def _load_rank_state(self, state: dict) -> None:
         """Restore what _rank_state() saved, after DeepSpeed has loaded its part."""
+        if self.dims.pp > 1:
+            self.engine.module.synchronize_tied_weights()
         self._load_expert_rank_state(state.get("expert_parallel", {}))
         saved = state.get("buffers", {})
         with torch.no_grad():
@@ -202,13 +217,35 @@ class Trainer:
         r.print(f"parallel: world={self.world_size} dp={c.parallel.dp} ep={c.parallel.ep} tp={c.parallel.tp} "
                 f"pp={c.parallel.pp} zero={c.parallel.zero_stage} device={self.device.type} "
                 f"precision={'bf16' if self.bf16 else 'fp32'}")
+        if c.parallel.pp > 1:
+            from orchestrator.parallel.pipeline import describe_stages
+
+            m = c.parallel.pp_microbatches
+            r.print(f"{describe_stages(c.model.num_layers, c.parallel.pp, c.model.tie_embeddings)}; "
+                    f"{c.trainer.grad_accum_steps * m} pipeline micro-batches of "
+                    f"{c.trainer.micro_batch_size // m} sequences per step and data-parallel rank")
+        if self.world_size > 1:
+            r.print(self.dims.layout())
         if c.parallel.ep > 1 and c.model.ffn == "peer":
             from orchestrator.parallel.parallelize import expert_parameters
 
             held = sum(p.numel() for p in expert_parameters(self.engine.module))
             full = sum(2 * layer.num_experts * layer.d_model for layer in self.engine.module.peer_layers())
-            r.print(f"expert parallel: this rank holds {held:,} of {full:,} expert numbers "
-                    f"(PEER U/V columns, 1/{c.parallel.ep}; sharding=dims)")
+            who = "this rank holds"
+            if c.parallel.pp > 1:  # a rank holds one stage's layers: count rank 0's whole pipeline
+                counts = torch.tensor([held, full], dtype=torch.int64, device=self.device)
+                dist.all_reduce(counts, group=self.engine.grid.get_pipe_parallel_group())
+                held, full, who = int(counts[0]), int(counts[1]), "the ranks of this pipeline (one per stage) hold"
+            r.print(f"expert parallel: {who} {held:,} of {full:,} expert numbers "
+                    f"(PEER U/V columns, 1/{c.parallel.ep * c.parallel.tp}; sharding=dims)")
+        if c.parallel.tp > 1:
+            from orchestrator.parallel.tensor_parallel import is_tensor_parallel
+
+            params = list(self.engine.module.parameters())
+            sharded = sum(p.numel() for p in params if is_tensor_parallel(p))
+            r.print(f"tensor parallel: this rank holds {sum(p.numel() for p in params):,} parameters, "
+                    f"{sharded:,} of them 1/{c.parallel.tp} shards (attention heads, MLP and expert hidden "
+                    f"units, PEER U/V columns); embeddings, norms, gates, routing and PKM memories replicated")
         if resumed:
             r.print(f"resumed from {resumed.info.tag} in {self.checkpoints.storage.display()}")
             if self.state.step >= c.trainer.max_steps:
@@ -283,6 +320,8 @@ class Trainer:
     def _train_step(self) -> tuple[float, bool]:
         """One optimizer step over grad_accum_steps micro-batches; returns the global mean loss and
         whether any rank received a stop signal (decided together, so all ranks stop together)."""
+        if self.dims.pp > 1:
+            return self._train_step_pipeline()
         total = torch.zeros((), dtype=torch.float64)
         micro_batches = self.batches.next_step()
         self._grad_norm = float("nan")
@@ -301,26 +340,39 @@ class Trainer:
         summed = torch.tensor([float(total) / len(micro_batches), stop_flag], dtype=torch.float64,
                               device=self.device)
         dist.all_reduce(summed, op=dist.ReduceOp.SUM)
-        return float(summed[0]) / self.dp_size, bool(summed[1] > 0)
+        # The tp ranks of a replica hold the same loss: the world sum counts each replica tp times.
+        return float(summed[0]) / (self.dp_size * self.dims.tp), bool(summed[1] > 0)
 
     def _reduced_grad_norm(self) -> float:
-        """Global L2 norm of the (already data-parallel-averaged) gradients, before clipping.
-        Expert parameters are sharded over the expert-parallel group, so their squares are summed
-        across it; every other gradient is replicated."""
+        """Global L2 norm of the (already data-parallel-averaged) gradients, before clipping,
+        each number of the model counted once: expert parameters are sharded over the
+        expert-parallel group (squares summed across it), tp-sharded ones (`tensor_model_parallel`,
+        tensor_parallel.py) over the tp group (summed across it; PEER tables under ep x tp over
+        both); everything else is replicated and counted here alone (every rank of a tp or ep
+        group holds the same copy and the same gradient)."""
         from deepspeed.moe.utils import is_moe_param
 
-        dense, expert = [], []
+        from orchestrator.parallel.tensor_parallel import is_tensor_parallel
+
+        buckets: dict[tuple[bool, bool], list] = {}
         for p in self.engine.module.parameters():
             if p.grad is not None:
-                (expert if is_moe_param(p) else dense).append(p.grad.detach())
-        dense_sq = float(torch.nn.utils.get_total_norm(dense)) ** 2 if dense else 0.0
-        expert_sq = torch.tensor(float(torch.nn.utils.get_total_norm(expert)) ** 2 if expert else 0.0,
-                                 dtype=torch.float64, device=self.device)
+                buckets.setdefault((is_moe_param(p), is_tensor_parallel(p)), []).append(p.grad.detach())
+
+        def sq(expert: bool, sharded: bool) -> float:
+            grads = buckets.get((expert, sharded))
+            return float(torch.nn.utils.get_total_norm(grads)) ** 2 if grads else 0.0
+
+        # [expert, not tp-sharded], [expert, tp-sharded]: summed over the ep group first.
+        expert_sq = torch.tensor([sq(True, False), sq(True, True)], dtype=torch.float64, device=self.device)
         if self.cfg.parallel.ep > 1:
             from deepspeed.utils import groups
 
             dist.all_reduce(expert_sq, group=groups._get_expert_parallel_group(f"ep_size_{self.cfg.parallel.ep}"))
-        return math.sqrt(dense_sq + float(expert_sq))
+        tp_sq = torch.tensor(sq(False, True) + float(expert_sq[1]), dtype=torch.float64, device=self.device)
+        if self.dims.tp > 1:
+            dist.all_reduce(tp_sq, group=self.dims.tp_group())
+        return math.sqrt(sq(False, False) + float(expert_sq[0]) + float(tp_sq))
 
     def _clip_gradients(self, norm: float) -> None:
         """Without ZeRO the trainer clips, with the norm it has just computed for the log line
@@ -376,11 +428,65 @@ class Trainer:
             "mlflow_run_id": self.reporter.mlflow_run_id if self.reporter else None,
         }
 
+    # ------------------------------------------------------------------ pipeline parallelism
+    def _train_step_pipeline(self) -> tuple[float, bool]:
+        """`_train_step` under pp > 1: DeepSpeed's pipeline schedule runs the step's
+        grad_accum_steps x pp_microbatches micro-batches (orchestrator/parallel/pipeline.py).
+        Every stage draws the step's batches (the first stage feeds the inputs, the last the
+        targets). The loss is the last stage's, averaged over micro-batches and data-parallel
+        ranks by DeepSpeed and broadcast to every stage, so rank 0 (stage 0) reports it."""
+        from orchestrator.parallel.pipeline import split_micro_batches
+
+        pieces = split_micro_batches(self.batches.next_step(), self.cfg.parallel.pp_microbatches)
+        loss = self.engine.train_batch(iter([(x.to(self.device), y.to(self.device)) for x, y in pieces]))
+        if self.cfg.parallel.zero_stage == 0:
+            self._grad_norm = self.engine.peerlab_grad_norm
+        else:
+            self._grad_norm = _as_float(self.engine.get_global_grad_norm())
+        stop = torch.tensor([1.0 if self._stop_signal is not None else 0.0], device=self.device)
+        dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        return float(loss), bool(stop.item() > 0)
+
+    @torch.no_grad()
+    def _evaluate_and_log_pipeline(self, step: int) -> None:
+        """`_evaluate_and_log` under pp > 1. Each validation batch goes through the pipeline as
+        pp_microbatches micro-batches; DeepSpeed averages the last stage's LM loss over them and
+        the data-parallel ranks and broadcasts it to every stage. PEER usage counters are summed
+        over the data-parallel group of the stage that holds the layer; each stage's statistics
+        then reach rank 0 with an all-gather over the pipeline group."""
+        from orchestrator.parallel.pipeline import split_micro_batches
+
+        module, m = self.engine.module, self.cfg.parallel.pp_microbatches
+        local = module.retrieval_layers_by_block()
+        for _, layer in local:
+            layer.reset_usage()
+            layer.track_usage = True
+        started = time.perf_counter()
+        total = 0.0
+        for batch in self.val_batches:
+            pieces = [(x.to(self.device), y.to(self.device)) for x, y in split_micro_batches([batch], m)]
+            total += float(self.engine.eval_batch(iter(pieces), num_micro_batches=m))
+        val_loss = total / max(len(self.val_batches), 1)
+        grid = self.engine.grid
+        stats = []
+        for block, layer in local:
+            layer.track_usage = False
+            counts = layer.usage_counts.clone()
+            dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=grid.get_data_parallel_group())
+            stats.append((block, *expert_usage_stats(counts)))
+        gathered: list = [None] * grid.get_pipe_parallel_world_size()
+        dist.all_gather_object(gathered, stats, group=grid.get_pipe_parallel_group())
+        ordered = sorted(s for per_stage in gathered for s in per_stage)
+        self.engine.train()
+        self._log_evaluation(step, val_loss, [u for _, u, _ in ordered], [k for _, _, k in ordered], started)
+
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def _evaluate_and_log(self, step: int) -> None:
-        peer_layers = list(self.engine.module.peer_layers())
-        for layer in peer_layers:
+        if self.dims.pp > 1:
+            return self._evaluate_and_log_pipeline(step)
+        retrieval_layers = list(self.engine.module.retrieval_layers())
+        for layer in retrieval_layers:
             layer.reset_usage()
             layer.track_usage = True
         self.engine.eval()
@@ -392,25 +498,30 @@ class Trainer:
         sums = sums.to(self.device)
         dist.all_reduce(sums, op=dist.ReduceOp.SUM)
         val_loss = float(sums[0] / sums[1])
-        metrics = {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50.0))}
         usages, kls = [], []
-        for layer in peer_layers:
+        for layer in retrieval_layers:
             layer.track_usage = False
             counts = layer.usage_counts.clone()
             dist.all_reduce(counts, op=dist.ReduceOp.SUM)
             usage, kl = expert_usage_stats(counts)
             usages.append(usage)
             kls.append(kl)
-        if peer_layers:
+        self.engine.train()
+        self._log_evaluation(step, val_loss, usages, kls, started)
+
+    def _log_evaluation(self, step: int, val_loss: float, usages: list[float], kls: list[float],
+                        started: float) -> None:
+        """Rank 0's report of an evaluation: usages and kls per PEER layer, in model order."""
+        metrics = {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50.0))}
+        if usages:
             metrics["peer_usage"] = sum(usages) / len(usages)
             metrics["peer_kl_uniform"] = sum(kls) / len(kls)
-            if len(peer_layers) > 1:
+            if len(usages) > 1:
                 for i, (u, k) in enumerate(zip(usages, kls)):
                     metrics[f"peer_usage_{i}"], metrics[f"peer_kl_uniform_{i}"] = u, k
-        self.engine.train()
         self.reporter.log_metrics(step, metrics)
         extra = (f" | expert usage {metrics['peer_usage']:.1%} | KL(usage||uniform) {metrics['peer_kl_uniform']:.3f}"
-                 if peer_layers else "")
+                 if usages else "")
         self.reporter.print(f"eval step {step} | val loss {val_loss:.4f} | val ppl {metrics['val_perplexity']:.2f}"
                             f"{extra} | {time.perf_counter() - started:.1f}s")
 

@@ -93,6 +93,11 @@ class ParallelDims:
             _GRID = (self, PipelineParallelGrid(topology=self.topology()))
         return _GRID[1]
 
+    def tp_group(self):
+        """This rank's tensor-parallel group (tp consecutive ranks; the grid's slice group).
+        Collective on first use (builds the grid)."""
+        return self.grid().get_slice_parallel_group()
+
     def expert_groups(self):
         """(ep_group, edp_group) of this rank, created through DeepSpeed on first use (collective:
         every rank must call it). Needs torch.distributed initialised."""

@@ -26,8 +26,13 @@ group's global row indices. With impl=fused/auto no [A, M, C] gathered rows exis
 Triton on CUDA); with impl=reference they are gathered and kept for backward, T*H*K*d numbers
 per rank as in the unsharded reference.
 
+With tensor parallelism too (tensor_parallel.TensorParallelPEER, a subclass), the exchange runs
+on the tp rank's slice of S = d/tp columns: `partial_dots` and `output_slices` below are the two
+halves, each on an S-wide slice, C = S/E columns held here.
+
 Legend (shape suffixes): T local tokens, A all tokens of the ep group (sum of T_j), D d_model,
-C d_model / E columns held here, H heads, K top_k, M = H*K, E ranks of the ep group.
+S = D / tp the width the group exchanges (D without tp), C = S / E columns held here, H heads,
+K top_k, M = H*K, E ranks of the ep group.
 """
 
 from __future__ import annotations
@@ -146,9 +151,24 @@ class DimShardedPEER(PEER):
 
     @classmethod
     def from_peer(cls, peer: PEER, group, group_name: str) -> "DimShardedPEER":
-        ep, ep_rank = dist.get_world_size(group), dist.get_rank(group)
-        if peer.d_model % ep:
-            raise ValueError(f"d_model={peer.d_model} is not divisible by the expert-parallel degree {ep}")
+        return cls._take_over(peer, ep_group=group, group_name=group_name)
+
+    @classmethod
+    def _take_over(cls, peer: PEER, *, ep_group, group_name: str | None, tp_group=None) -> "DimShardedPEER":
+        """The sharded layer built from `peer`: routing modules taken over, tables sliced or built.
+
+        Columns: the tp ranks of a tensor-parallel group (tp_group; None for tp=1) split d into
+        slices of S = d/tp (tensor_parallel.py), and the ep ranks of an expert-parallel group
+        (ep_group; None for ep=1) split each slice further into C = S/ep columns, so a rank holds
+        columns [tp_rank * S + ep_rank * C, + C) of U and V: d/(tp*ep), no two ranks alike.
+        """
+        ep = dist.get_world_size(ep_group) if ep_group is not None else 1
+        ep_rank = dist.get_rank(ep_group) if ep_group is not None else 0
+        tp = dist.get_world_size(tp_group) if tp_group is not None else 1
+        tp_rank = dist.get_rank(tp_group) if tp_group is not None else 0
+        if peer.d_model % (ep * tp):
+            raise ValueError(f"d_model={peer.d_model} is not divisible by the expert-parallel degree {ep} "
+                             f"x the tensor-parallel degree {tp}")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         for name, value in vars(peer).items():
@@ -163,9 +183,11 @@ class DimShardedPEER(PEER):
         for name, buf in peer.named_buffers(recurse=False):
             self.register_buffer(name, buf, persistent=name not in peer._non_persistent_buffers_set)
         self._act = _ACTIVATIONS[peer.activation]
-        self.group, self.group_name, self.ep, self.ep_rank = group, group_name, ep, ep_rank
-        self.cols = peer.d_model // ep
-        self.col_start = ep_rank * self.cols
+        self.group, self.group_name, self.ep, self.ep_rank = ep_group, group_name, ep, ep_rank
+        self.tp_group, self.tp, self.tp_rank = tp_group, tp, tp_rank
+        self.slice_width = peer.d_model // tp  # S: the width the ep group exchanges
+        self.cols = self.slice_width // ep
+        self.col_start = tp_rank * self.slice_width + ep_rank * self.cols
         self.comm = CommStats()
         for name in ("expert_down", "expert_up"):
             full = getattr(peer, name).weight
@@ -174,7 +196,8 @@ class DimShardedPEER(PEER):
             else:
                 local = full.detach()[:, self.col_start:self.col_start + self.cols].clone()
             table = nn.Embedding(peer.num_experts, self.cols, _weight=local)
-            mark_expert_param(table.weight, group_name)
+            if ep > 1:
+                mark_expert_param(table.weight, group_name)
             self.add_module(name, table)
         return self
 
@@ -182,34 +205,52 @@ class DimShardedPEER(PEER):
         raise NotImplementedError("re-initialise the unsharded PEER and shard it again (from_peer)")
 
     def mix_experts(self, x_TD: torch.Tensor, gates_THK: torch.Tensor, idx_THK: torch.Tensor) -> torch.Tensor:
+        pre_TM, plan = self.partial_dots(x_TD, idx_THK)
+        w_TM = gates_THK.reshape(pre_TM.shape) * self._act(pre_TM)
+        return self.output_slices(w_TM, plan)
+
+    def partial_dots(self, x_TS: torch.Tensor, idx_THK: torch.Tensor):
+        """Steps 1-3: u_i . x over the group's S = ep * C columns of x_TS, summed over the ep
+        group at each token's owner -> (pre_TM [T, M], plan for `output_slices`)."""
+        num_tokens, num_retrieved = x_TS.shape[0], self.num_heads * self.top_k
+        idx_TM = idx_THK.reshape(num_tokens, num_retrieved)
+        if self.ep == 1:  # tensor parallelism alone: every token is here, nothing to exchange
+            return gathered_dot(x_TS, self.expert_down.weight, idx_TM, self.impl), (num_tokens, None, None, idx_TM)
         group, ep, stats = self.group, self.ep, self.comm
-        num_tokens, num_retrieved = x_TD.shape[0], self.num_heads * self.top_k
-        counts = torch.tensor([num_tokens], dtype=torch.int64, device=x_TD.device)
+        counts = torch.tensor([num_tokens], dtype=torch.int64, device=x_TS.device)
         all_counts = [torch.zeros_like(counts) for _ in range(ep)]
         dist.all_gather(all_counts, counts, group=group)  # 8 bytes per rank and forward (not per token)
         rows_from = [int(c) for c in all_counts]  # T_j
         mine = [num_tokens] * ep
 
         # 1. x slices: [E * T, C] (slice j first) -> [A, C], tokens of rank 0 first.
-        x_ETC = x_TD.view(num_tokens, ep, self.cols).transpose(0, 1).reshape(ep * num_tokens, self.cols)
+        x_ETC = x_TS.reshape(num_tokens, ep, self.cols).transpose(0, 1).reshape(ep * num_tokens, self.cols)
         x_AC = all_to_all(x_ETC, rows_from, mine, group, stats)
         # 2. indices of every token of the group (int32 on the wire; N < 2^31).
-        idx_TM = idx_THK.reshape(num_tokens, num_retrieved).to(torch.int32)
-        idx_AM = exchange(idx_TM.repeat(ep, 1), rows_from, mine, group, stats).long()
+        idx_AM = exchange(idx_TM.to(torch.int32).repeat(ep, 1), rows_from, mine, group, stats).long()
         # 3. partial dots over the local columns, summed at each token's owner.
         part_AM = gathered_dot(x_AC, self.expert_down.weight, idx_AM, self.impl)
         part_ETM = all_to_all(part_AM, mine, rows_from, group, stats)
         pre_TM = part_ETM.view(ep, num_tokens, num_retrieved).sum(0)
-        # 4. weights w = gate * act(u . x) at the owner, then to every rank.
-        w_TM = gates_THK.reshape(num_tokens, num_retrieved) * self._act(pre_TM)
+        return pre_TM, (num_tokens, rows_from, mine, idx_AM)
+
+    def output_slices(self, w_TM: torch.Tensor, plan) -> torch.Tensor:
+        """Steps 4-5: the weights w = gate * act(u . x) of this rank's tokens -> y [T, S], the
+        group's S = ep * C output columns of every local token."""
+        num_tokens, rows_from, mine, idx_AM = plan
+        if self.ep == 1:
+            return weighted_gather_sum(w_TM, self.expert_up.weight, idx_AM, self.impl)
+        group, ep, stats = self.group, self.ep, self.comm
+        # 4. weights to every rank of the group.
         w_AM = all_to_all(w_TM.repeat(ep, 1), rows_from, mine, group, stats)
-        # 5. output slices for every group token, back to the owners: [E * T, C] -> [T, D].
+        # 5. output slices for every group token, back to the owners: [E * T, C] -> [T, S].
         y_AC = weighted_gather_sum(w_AM, self.expert_up.weight, idx_AM, self.impl)
         y_ETC = all_to_all(y_AC, mine, rows_from, group, stats)
-        return y_ETC.view(ep, num_tokens, self.cols).transpose(0, 1).reshape(num_tokens, self.d_model)
+        return y_ETC.view(ep, num_tokens, self.cols).transpose(0, 1).reshape(num_tokens, ep * self.cols)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", sharding=dims, ep={self.ep}, columns={self.col_start}:{self.col_start + self.cols}"
+        return (super().extra_repr() + f", sharding=dims, ep={self.ep}, tp={self.tp}, "
+                f"columns={self.col_start}:{self.col_start + self.cols}")
 
 
 def mark_expert_param(param: nn.Parameter, group_name: str) -> None:

@@ -1,5 +1,6 @@
-"""parallelize(model, dims): apply expert parallelism to a built model, from outside its code.
+"""parallelize(model, dims): apply expert and tensor parallelism to a built model, from outside its code.
 
+Expert parallelism (ep > 1):
 - Every PEER layer becomes a DimShardedPEER holding d/ep columns of U and V (marked as DeepSpeed
   expert parameters). Build the model under `model.peer.defer_expert_tables()` and the tables are
   built here column slice by column slice, so the full table never exists on a rank; a model
@@ -7,11 +8,23 @@
 - Every DeepSpeed MoE layer re-initialises its local experts as the global experts it holds, so
   that expert e starts with the same weights whatever ep is.
 
-Call it on every rank, after torch.distributed is initialised and before deepspeed.initialize.
+Tensor parallelism (tp > 1, orchestrator/parallel/tensor_parallel.py): attention and dense MLPs
+Megatron-style, PEER tables split along d over tp (and over ep inside each tp slice:
+TensorParallelPEER, d/(tp*ep) columns per rank), DeepSpeed MoE experts tp-sharded; embeddings,
+norms, gates and routing replicated. Every shard is a slice of the single-process weights.
+
+Pipeline parallelism (pp > 1, orchestrator/parallel/pipeline.py) comes first: the model becomes
+this rank's stage, a DeepSpeed PipelineModule holding contiguous blocks, and expert parallelism
+then applies to that stage's layers. Its engine is built by pipeline.build_pipeline_engine
+(deepspeed.initialize takes the module's own grid; it refuses an mpu beside a PipelineModule).
+
+Call it on every rank, after torch.distributed is initialised and before deepspeed.initialize
+(with mpu=dims.grid() when tp > 1; for pp > 1 see above).
 """
 
 from __future__ import annotations
 
+import torch.distributed as dist
 from torch import nn
 
 from model.moe import MoEFeedForward
@@ -21,23 +34,41 @@ from orchestrator.parallel.expert_parallel import DimShardedPEER
 
 
 def parallelize(model: nn.Module, dims: ParallelDims) -> nn.Module:
-    if dims.ep == 1:
+    if dims.pp > 1:
+        # Pipeline first (orchestrator/parallel/pipeline.py): this rank keeps its stage's layers,
+        # and the steps below apply to those. DeepSpeed MoE layers would otherwise make their
+        # expert groups without the pipeline grid (spanning stages): make them here, on every
+        # rank (collective; the full model tells every rank alike whether there are MoE layers).
+        from orchestrator.parallel.pipeline import to_pipeline
+
+        if any(isinstance(m, MoEFeedForward) for m in model.modules()):
+            dims.expert_groups()
+        model = to_pipeline(model, dims)
+    if dims.ep == 1 and dims.tp == 1:
         for module in model.modules():
             if isinstance(module, PEER) and module.expert_down.weight.is_meta:
-                raise ValueError("PEER tables are deferred (meta) but ep=1: build the model eagerly")
+                raise ValueError("PEER tables are deferred (meta) but ep=tp=1: build the model eagerly")
         return model
-    ep_group, _ = dims.expert_groups()
-    import torch.distributed as dist
-
-    ep_rank = dist.get_rank(ep_group)
+    has_moe = any(isinstance(m, MoEFeedForward) for m in model.modules())
+    ep_group = None
+    if dims.ep > 1 or (has_moe and dims.tp > 1):
+        # DeepSpeed MoE with an mpu needs its expert groups made with that mpu (expert tensor
+        # parallelism, see tensor_parallel._tensor_parallel_experts); made here, before
+        # deepspeed.initialize, so that the layers find them instead of making their own.
+        ep_group, _ = dims.expert_groups()
+    ep_rank = dist.get_rank(ep_group) if ep_group is not None else 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, PEER) and not isinstance(child, DimShardedPEER):
-                setattr(parent, name, DimShardedPEER.from_peer(child, ep_group, dims.expert_group_name))
-            elif isinstance(child, MoEFeedForward):
+            if isinstance(child, MoEFeedForward):
                 if child.ep_size != dims.ep:
                     raise ValueError(f"MoE layer {name} was built with ep_size={child.ep_size}, dims say ep={dims.ep}")
                 child.reset_local_experts(ep_rank)
+            elif dims.tp == 1 and isinstance(child, PEER) and not isinstance(child, DimShardedPEER):
+                setattr(parent, name, DimShardedPEER.from_peer(child, ep_group, dims.expert_group_name))
+    if dims.tp > 1:
+        from orchestrator.parallel.tensor_parallel import apply_tensor_parallel
+
+        apply_tensor_parallel(model, dims.tp_group(), ep_group if dims.ep > 1 else None, dims.expert_group_name)
     return model
 
 

@@ -33,7 +33,7 @@ def test_every_experiment_composes_and_validates(experiment):
 @pytest.mark.parametrize("model", sorted(p.stem for p in (CONF / "model").glob("*.yaml")))
 def test_every_model_option_composes_and_validates(model):
     cfg = _compose([f"model={model}"])
-    assert cfg.model.ffn in ("dense", "peer", "moe")
+    assert cfg.model.ffn in ("dense", "peer", "moe", "pkm")
 
 
 def test_paper_setting_is_the_paper_setting():
@@ -76,10 +76,17 @@ BAD_OVERRIDES = [
     (["cluster.nproc_per_node=4", "parallel.dp=4", "parallel.ep=4", "model.d_model=66", "model.num_attention_heads=1"],
      "parallel.ep=4", "common divisors of dp and d_model: 1, 2"),
     (["cluster.nproc_per_node=2", "parallel.dp=2", "parallel.ep=2", "model=dense"], "parallel.ep=2", "model=moe"),
-    (["parallel.tp=2", "cluster.nproc_per_node=2"], "parallel.tp=2", "parallel.tp=1"),
-    (["parallel.pp=2", "cluster.nproc_per_node=2"], "parallel.pp=2", "parallel.pp=1"),
+    (["parallel.tp=2", "cluster.nproc_per_node=2", "model.num_attention_heads=1"], "parallel.tp=2", "divisors"),
+    (["parallel.pp=2", "cluster.nproc_per_node=2", "parallel.zero_stage=2"], "parallel.zero_stage=2",
+     "parallel.zero_stage=1"),
     (["parallel.zero_stage=3"], "parallel.zero_stage=3", "0, 1 or 2"),
     (["model.moe.top_k=3", "model=moe"], "model.moe.top_k=3", "top_k=1 or 2"),
+    (["model=pkm", "model.pkm.num_values=1000"], "model.pkm.num_values=1000", "1024 (32^2)"),
+    (["model=pkm", "model.pkm.top_k=200"], "model.pkm.top_k=200", "top_k<=128"),
+    (["model=pkm", "model.pkm.d_key=63"], "model.pkm.d_key=63", "d_key=64"),
+    (["model=pkm", "cluster.nproc_per_node=2", "parallel.dp=2", "parallel.ep=2"], "parallel.ep=2", "parallel.ep=1"),
+    (["experiment=isoflop", "isoflop.methods=[dense,mlp]"], "isoflop.methods", "dense, peer, moe, pkm"),
+    (["experiment=isoflop", "isoflop.budget=1e9"], "isoflop.budget=1000000000.0", "raise isoflop.budget"),
     (["trainer.max_steps=0"], "trainer.max_steps=0", ">=1"),
     (["trainer.max_steps=abc"], "trainer.max_steps='abc'", "whole number"),
     (["trainer.precision=bf16"], "trainer.precision='bf16'", "fp32"),
