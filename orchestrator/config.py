@@ -539,7 +539,9 @@ def _validate_moe_tensor_parallel(cfg: TrainConfig) -> None:
                               f"set model.moe.{key}=false")
     import torch  # DeepSpeed's own arithmetic (float32 factor), so the check agrees with it
 
-    tokens = cfg.trainer.micro_batch_size * cfg.data.seq_len
+    # Tokens per forward: under pp each micro-batch goes through as pp_microbatches pieces
+    # (_validate_pipeline, run before, checked that they divide it; 1 without pp).
+    tokens = cfg.trainer.micro_batch_size // p.pp_microbatches * cfg.data.seq_len
     for key, factor in (("capacity_factor", moe.capacity_factor), ("eval_capacity_factor", moe.eval_capacity_factor)):
         capacity = max(int(torch.ceil((tokens / moe.num_experts) * torch.tensor(factor * moe.top_k))),
                        moe.min_capacity)
@@ -547,7 +549,7 @@ def _validate_moe_tensor_parallel(cfg: TrainConfig) -> None:
             # DeepSpeed's MoE splits each expert's capacity slots over the tp ranks before its
             # all-to-all (deepspeed/moe/mappings.py drop_tokens) and asserts they divide.
             raise ConfigError(f"model.moe.{key}", factor,
-                              f"gives {capacity} slots per expert (max(ceil(micro_batch_size x seq_len / "
+                              f"gives {capacity} slots per expert (max(ceil(micro_batch_size / pp_microbatches x seq_len / "
                               f"num_experts x {key} x top_k), min_capacity)), not divisible by parallel.tp={p.tp}",
                               f"choose a {key} that makes it a multiple of {p.tp}, or change "
                               "trainer.micro_batch_size")
@@ -575,9 +577,6 @@ def _validate_pipeline(cfg: TrainConfig) -> None:
         raise ConfigError("parallel.zero_stage", p.zero_stage,
                           "DeepSpeed's pipeline engine supports ZeRO 0 and 1 only (parallel.pp>1)",
                           "set parallel.zero_stage=1 (or 0)")
-    if p.tp > 1:
-        raise ConfigError("parallel.tp", p.tp, "tensor parallelism combined with pipeline parallelism is not "
-                          "supported yet", "set parallel.tp=1 or parallel.pp=1")
 
 
 def _validate_io(cfg: TrainConfig) -> None:

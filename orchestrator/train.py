@@ -243,7 +243,8 @@ class Trainer:
 
             params = list(self.engine.module.parameters())
             sharded = sum(p.numel() for p in params if is_tensor_parallel(p))
-            r.print(f"tensor parallel: this rank holds {sum(p.numel() for p in params):,} parameters, "
+            where = " (its stage's layers)" if c.parallel.pp > 1 else ""
+            r.print(f"tensor parallel: this rank holds {sum(p.numel() for p in params):,} parameters{where}, "
                     f"{sharded:,} of them 1/{c.parallel.tp} shards (attention heads, MLP and expert hidden "
                     f"units, PEER U/V columns); embeddings, norms, gates, routing and PKM memories replicated")
         if resumed:

@@ -14,8 +14,9 @@ TensorParallelPEER, d/(tp*ep) columns per rank), DeepSpeed MoE experts tp-sharde
 norms, gates and routing replicated. Every shard is a slice of the single-process weights.
 
 Pipeline parallelism (pp > 1, orchestrator/parallel/pipeline.py) comes first: the model becomes
-this rank's stage, a DeepSpeed PipelineModule holding contiguous blocks, and expert parallelism
-then applies to that stage's layers. Its engine is built by pipeline.build_pipeline_engine
+this rank's stage, a DeepSpeed PipelineModule holding contiguous blocks, and expert and tensor
+parallelism then apply to that stage's layers (the stage's tp ranks are a tp group of the same mesh:
+rank = (pp_rank * dp + dp_rank) * tp + tp_rank). Its engine is built by pipeline.build_pipeline_engine
 (deepspeed.initialize takes the module's own grid; it refuses an mpu beside a PipelineModule).
 
 Call it on every rank, after torch.distributed is initialised and before deepspeed.initialize

@@ -267,8 +267,8 @@ def pipeline_module_class():
 def to_pipeline(model: TransformerLM, dims: ParallelDims) -> nn.Module:
     """This rank's stage of `model` as a PipelineModule (collective: every rank calls it).
 
-    Tables of local PEER layers that were deferred (meta) are materialised when ep = 1; with ep > 1
-    they stay deferred for parallelize() to build this rank's columns.
+    Tables of local PEER layers that were deferred (meta) are materialised when ep = tp = 1; with
+    ep > 1 or tp > 1 they stay deferred for parallelize() to build this rank's columns.
     """
     from deepspeed.runtime.pipe.module import TiedLayerSpec
 
@@ -285,7 +285,7 @@ def to_pipeline(model: TransformerLM, dims: ParallelDims) -> nn.Module:
                                     tied_weight_attr=["embed.weight"]))
     else:
         layers.append(HeadPipe(model.lm_head))
-    if dims.ep == 1:
+    if dims.ep == 1 and dims.tp == 1:
         stage = dims.coords(torch.distributed.get_rank()).pp
         for i in block_ranges(cfg.num_layers, dims.pp)[stage]:
             for module in model.blocks[i].modules():
@@ -327,6 +327,12 @@ def pipeline_deepspeed_config(cfg, bf16: bool) -> dict:
     config["train_micro_batch_size_per_gpu"] = t.micro_batch_size // p.pp_microbatches
     config["gradient_accumulation_steps"] = t.grad_accum_steps * p.pp_microbatches
     config["train_batch_size"] = t.micro_batch_size * t.grad_accum_steps * p.dp
+    # With tp > 1 DeepSpeed would by default send 1/tp of the first activation tensor between
+    # stages and all-gather it over the tp group ("pipe_partitioned"), and the same for its
+    # gradient ("grad_partitioned"). Its partitioned path asserts that the other tensors a stage
+    # sends do not require grad, and our carried aux loss does (MoE load-balancing losses flow
+    # back through the stages). Send whole activations instead: exact, tp times the p2p bytes.
+    config["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
     return config
 
 
@@ -377,9 +383,13 @@ def _sum_zero_norm_over_stages(engine) -> None:
 
     optimizer, pipe_group = engine.optimizer, engine.grid.get_pipe_parallel_group()
     stage_norm = optimizer.scaled_global_norm
+    # With tp > 1 the stage norm is still reduced over the stage's tp group (every tp rank of a
+    # stage holds the same param groups): ZeRO counts tp-sharded parameters on every tp rank and
+    # replicated ones on tp rank 0 only (its model_parallel_rank is the grid's tp rank).
+    tp_group = engine.grid.get_slice_parallel_group() if engine.grid.get_slice_parallel_world_size() > 1 else None
 
     def scaled_global_norm(norm_type=2):
-        saved, optimizer.model_parallel_group = optimizer.model_parallel_group, None
+        saved, optimizer.model_parallel_group = optimizer.model_parallel_group, tp_group
         try:
             norm = stage_norm(norm_type)
         finally:
@@ -394,24 +404,36 @@ def _sum_zero_norm_over_stages(engine) -> None:
 
 
 def pipeline_grad_norm(engine, dims: ParallelDims) -> float:
-    """Global L2 norm of the (data-parallel-averaged, tied-summed) gradients of the whole model:
-    this stage's dense gradients once (the last stage's copy of a tied embedding is skipped:
-    `ds_pipe_replicated`), expert shards summed over the expert-parallel group, then summed over
-    the stages. Collective over the pipe group (and the ep group when ep > 1)."""
+    """Global L2 norm of the (data-parallel-averaged, tied-summed) gradients of the whole model,
+    each number counted once: this stage's replicated gradients here alone (the last stage's copy
+    of a tied embedding is skipped: `ds_pipe_replicated`), expert shards summed over the
+    expert-parallel group, tp-sharded parameters (`tensor_model_parallel`) over the tp group (PEER
+    tables under ep x tp over both), then everything summed over the stages (the pipe group: the
+    ranks with this rank's dp and tp coordinates). As Trainer._reduced_grad_norm, per stage.
+    Collective over the pipe group (and the ep / tp groups when ep / tp > 1)."""
     import torch.distributed as dist
     from deepspeed.moe.utils import is_moe_param
 
-    dense, expert = [], []
+    from orchestrator.parallel.tensor_parallel import is_tensor_parallel
+
+    buckets: dict[tuple[bool, bool], list] = {}
     for p in engine.module.parameters():
         if p.grad is None or getattr(p, "ds_pipe_replicated", False):
             continue
-        (expert if is_moe_param(p) else dense).append(p.grad.detach())
-    dense_sq = float(torch.nn.utils.get_total_norm(dense)) ** 2 if dense else 0.0
-    expert_sq = torch.tensor(float(torch.nn.utils.get_total_norm(expert)) ** 2 if expert else 0.0,
-                             dtype=torch.float64, device=engine.device)
+        buckets.setdefault((is_moe_param(p), is_tensor_parallel(p)), []).append(p.grad.detach())
+
+    def sq(expert: bool, sharded: bool) -> float:
+        grads = buckets.get((expert, sharded))
+        return float(torch.nn.utils.get_total_norm(grads)) ** 2 if grads else 0.0
+
+    # [expert, not tp-sharded], [expert, tp-sharded]: summed over the ep group first.
+    expert_sq = torch.tensor([sq(True, False), sq(True, True)], dtype=torch.float64, device=engine.device)
     if dims.ep > 1:
         ep_group, _ = dims.expert_groups()
         dist.all_reduce(expert_sq, group=ep_group)
-    total = torch.tensor(dense_sq, dtype=torch.float64, device=engine.device) + expert_sq
+    tp_sq = torch.tensor(sq(False, True), dtype=torch.float64, device=engine.device) + expert_sq[1]
+    if dims.tp > 1:
+        dist.all_reduce(tp_sq, group=dims.tp_group())
+    total = torch.tensor(sq(False, False), dtype=torch.float64, device=engine.device) + expert_sq[0] + tp_sq
     dist.all_reduce(total, group=engine.grid.get_pipe_parallel_group())
     return math.sqrt(float(total))

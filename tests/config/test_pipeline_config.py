@@ -18,7 +18,6 @@ REFUSALS = [
     (PP2 + ["parallel.zero_stage=2"], "parallel.zero_stage=2", "parallel.zero_stage=1"),
     (["parallel.pp_microbatches=2"], "parallel.pp_microbatches=2", "parallel.pp_microbatches=1"),
     (PP2 + ["parallel.pp_microbatches=0"], "parallel.pp_microbatches=0", ">=1"),
-    (["cluster.nproc_per_node=4", "parallel.pp=2", "parallel.tp=2"], "parallel.tp=2", "parallel.pp=1"),
     (["cluster.nproc_per_node=4", "parallel.pp=2"], "parallel.dp=1", "parallel.dp=2"),
 ]
 
@@ -38,6 +37,9 @@ def test_pipeline_refusal_is_one_line_exit_2(overrides, key, fix, capsys):
     PP2 + ["model.num_layers=3", "parallel.pp_microbatches=4", "trainer.micro_batch_size=8"],
     ["cluster.nproc_per_node=4", "parallel.dp=2", "parallel.pp=2", "parallel.ep=2", "model=moe",
      "parallel.zero_stage=1"],
+    # tp composes with pp (tests/distributed/test_pipeline_training.py: tp=2 x pp=2).
+    ["cluster.nproc_per_node=4", "parallel.pp=2", "parallel.tp=2", "parallel.pp_microbatches=2"],
+    ["cluster.nproc_per_node=8", "parallel.dp=2", "parallel.pp=2", "parallel.tp=2", "parallel.zero_stage=1"],
 ])
 def test_pipeline_layouts_validate(overrides):
     launch._precheck(overrides)  # no SystemExit

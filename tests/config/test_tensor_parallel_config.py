@@ -25,6 +25,10 @@ TP_REFUSALS = [
      "model.moe.random_token_selection=True", "route identically", "random_token_selection=false"),
     (TP2 + ["model=moe", "model.moe.capacity_factor=1.28", "trainer.micro_batch_size=1"],
      "model.moe.capacity_factor=1.28", "gives 41 slots per expert", "multiple of 2"),
+    # Under pp the capacity is that of one pipeline micro-batch (micro_batch_size / pp_microbatches).
+    (TP2 + ["model=moe", "model.moe.capacity_factor=1.28", "trainer.micro_batch_size=2",
+            "cluster.nproc_per_node=4", "parallel.pp=2", "parallel.pp_microbatches=2"],
+     "model.moe.capacity_factor=1.28", "gives 41 slots per expert", "multiple of 2"),
     (TP2 + ["model=moe", "model.moe.eval_capacity_factor=1.28", "trainer.micro_batch_size=1"],
      "model.moe.eval_capacity_factor=1.28", "not divisible by parallel.tp=2", "multiple of 2"),
     (TP2 + ["parallel.dp=2"], "parallel.dp=2", "dp=2 x tp=2 x pp=1 = 4", "parallel.dp=1"),
