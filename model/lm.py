@@ -166,12 +166,12 @@ class TransformerLM(nn.Module):
             if isinstance(module, PEER):
                 yield module
 
-    def retrieval_layers(self) -> Iterator[PEER | PKM]:
-        """The product-key layers whose retrieval usage the trainer measures at evaluation: PEER
-        layers and PKM memories (same interface: track_usage, reset_usage, usage_counts,
-        num_experts), so both report usage and KL-to-uniform through one path."""
+    def usage_layers(self) -> Iterator[PEER | PKM | MoEFeedForward]:
+        """The sparse layers whose expert usage the trainer measures at evaluation: PEER layers,
+        PKM memories and MoE layers (same interface: track_usage, reset_usage, usage_counts,
+        num_experts), so all report usage and KL-to-uniform through one path."""
         for module in self.modules():
-            if isinstance(module, (PEER, PKM)):
+            if isinstance(module, (PEER, PKM, MoEFeedForward)):
                 yield module
 
     def moe_layers(self) -> Iterator[MoEFeedForward]:

@@ -49,6 +49,11 @@ class MoEFeedForward(nn.Module):
         self.ep_size = ep_size
         self.aux_loss_coef = cfg.aux_loss_coef
         self.init_std = init_std
+        # Evaluation metrics, as PEER's: with track_usage set, every forward adds the tokens the
+        # gate routed to each expert (DeepSpeed's counts, before capacity drops; top-2 counts a
+        # token for both of its experts) to the non-persistent buffer usage_counts [E].
+        self.track_usage = False
+        self.register_buffer("usage_counts", torch.zeros(cfg.num_experts, dtype=torch.int64), persistent=False)
 
         # The template expert is passed, not stored: DeepSpeed deep-copies it per local expert,
         # and keeping it as a submodule would add a set of unused parameters.
@@ -95,8 +100,13 @@ class MoEFeedForward(nn.Module):
     def gate_weight(self) -> torch.Tensor:
         return self.moe.deepspeed_moe.gate.wg.weight
 
+    def reset_usage(self) -> None:
+        self.usage_counts.zero_()
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        y, l_aux, _expert_counts = self.moe(x)
+        y, l_aux, expert_counts = self.moe(x)
+        if self.track_usage:
+            self.usage_counts += expert_counts.to(self.usage_counts.device, torch.int64)
         return y, l_aux * self.aux_loss_coef
 
 

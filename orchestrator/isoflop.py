@@ -225,8 +225,9 @@ def collect(sweep_dir: str) -> list[dict[str, Any]]:
             if "val_loss" in record:
                 row["val_loss"] = record["val_loss"]
                 row["val_perplexity"] = record.get("val_perplexity")
-                row["usage"] = record.get("peer_usage")
-                row["kl_uniform"] = record.get("peer_kl_uniform")
+                # peer_*: the names before MoE layers reported usage too (older runs' metrics)
+                row["usage"] = record.get("expert_usage", record.get("peer_usage"))
+                row["kl_uniform"] = record.get("expert_kl_uniform", record.get("peer_kl_uniform"))
         row["tokens"] = row["step"] * tokens_per_step
         row["flops_spent"] = row["tokens"] * counts.flops_per_token_train
         row["done"] = row["step"] >= t.max_steps

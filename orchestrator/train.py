@@ -458,7 +458,7 @@ class Trainer:
         from orchestrator.parallel.pipeline import split_micro_batches
 
         module, m = self.engine.module, self.cfg.parallel.pp_microbatches
-        local = module.retrieval_layers_by_block()
+        local = module.usage_layers_by_block()
         for _, layer in local:
             layer.reset_usage()
             layer.track_usage = True
@@ -486,8 +486,8 @@ class Trainer:
     def _evaluate_and_log(self, step: int) -> None:
         if self.dims.pp > 1:
             return self._evaluate_and_log_pipeline(step)
-        retrieval_layers = list(self.engine.module.retrieval_layers())
-        for layer in retrieval_layers:
+        usage_layers = list(self.engine.module.usage_layers())
+        for layer in usage_layers:
             layer.reset_usage()
             layer.track_usage = True
         self.engine.eval()
@@ -500,7 +500,7 @@ class Trainer:
         dist.all_reduce(sums, op=dist.ReduceOp.SUM)
         val_loss = float(sums[0] / sums[1])
         usages, kls = [], []
-        for layer in retrieval_layers:
+        for layer in usage_layers:
             layer.track_usage = False
             counts = layer.usage_counts.clone()
             dist.all_reduce(counts, op=dist.ReduceOp.SUM)
@@ -512,16 +512,16 @@ class Trainer:
 
     def _log_evaluation(self, step: int, val_loss: float, usages: list[float], kls: list[float],
                         started: float) -> None:
-        """Rank 0's report of an evaluation: usages and kls per PEER layer, in model order."""
+        """Rank 0's report of an evaluation: usages and kls per sparse layer (PEER, PKM, MoE), in model order."""
         metrics = {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50.0))}
         if usages:
-            metrics["peer_usage"] = sum(usages) / len(usages)
-            metrics["peer_kl_uniform"] = sum(kls) / len(kls)
+            metrics["expert_usage"] = sum(usages) / len(usages)
+            metrics["expert_kl_uniform"] = sum(kls) / len(kls)
             if len(usages) > 1:
                 for i, (u, k) in enumerate(zip(usages, kls)):
-                    metrics[f"peer_usage_{i}"], metrics[f"peer_kl_uniform_{i}"] = u, k
+                    metrics[f"expert_usage_{i}"], metrics[f"expert_kl_uniform_{i}"] = u, k
         self.reporter.log_metrics(step, metrics)
-        extra = (f" | expert usage {metrics['peer_usage']:.1%} | KL(usage||uniform) {metrics['peer_kl_uniform']:.3f}"
+        extra = (f" | expert usage {metrics['expert_usage']:.1%} | KL(usage||uniform) {metrics['expert_kl_uniform']:.3f}"
                  if usages else "")
         self.reporter.print(f"eval step {step} | val loss {val_loss:.4f} | val ppl {metrics['val_perplexity']:.2f}"
                             f"{extra} | {time.perf_counter() - started:.1f}s")

@@ -237,13 +237,14 @@ def _make_module_class():
         def local_blocks(self) -> list[BlockPipe]:
             return [f for f in self.forward_funcs if isinstance(f, BlockPipe)]
 
-        def retrieval_layers_by_block(self) -> list[tuple[int, nn.Module]]:
-            """(block index in the whole model, layer) of this stage's product-key layers whose
-            usage the trainer measures (PEER and PKM, as TransformerLM.retrieval_layers)."""
-            return [(b.index, m) for b in self.local_blocks() for m in b.modules() if isinstance(m, (PEER, PKM))]
+        def usage_layers_by_block(self) -> list[tuple[int, nn.Module]]:
+            """(block index in the whole model, layer) of this stage's sparse layers whose expert
+            usage the trainer measures (PEER, PKM and MoE, as TransformerLM.usage_layers)."""
+            kinds = (PEER, PKM, MoEFeedForward)
+            return [(b.index, m) for b in self.local_blocks() for m in b.modules() if isinstance(m, kinds)]
 
-        def retrieval_layers(self):
-            return (layer for _, layer in self.retrieval_layers_by_block())
+        def usage_layers(self):
+            return (layer for _, layer in self.usage_layers_by_block())
 
         def peer_layers(self):
             return (m for m in self.modules() if isinstance(m, PEER))

@@ -56,7 +56,7 @@ def _run(root: Path, data_cache, args: list[str], env: dict | None = None, expec
 
 
 def _metrics(run_dir: Path) -> dict[tuple[int, str], float]:
-    keys = ("loss", "val_loss", "peer_usage")
+    keys = ("loss", "val_loss", "expert_usage")
     return {(m["step"], k): m[k] for m in read_metrics(run_dir) for k in keys if k in m}
 
 
@@ -93,7 +93,7 @@ def test_pp2_matches_one_process(runs, model):
     """Also validation: one data-parallel rank, so the BatchNorm running statistics (updated in
     the same order) and the PEER usage counters (summed on stage 1, reported by rank 0 on stage 0)
     match the one-process run's."""
-    keys = ("loss", "val_loss", "peer_usage")
+    keys = ("loss", "val_loss", "expert_usage")
     _assert_close(runs(f"{model}/one"), runs(f"{model}/pp2"), keys)
 
 
@@ -138,7 +138,7 @@ def test_tp2_pp2_matches_one_process(tmp_path, data_cache, runs, zero_stage):
     diffs = {k: abs(ref[k] - got[k]) / abs(ref[k]) for k in ref}
     assert max(diffs[s, "loss"] for s in range(1, 5)) < 1e-6, f"the first steps must agree to rounding: {diffs}"
     assert max(d for k, d in diffs.items() if k[1] in ("loss", "val_loss")) < 5e-4, diffs
-    assert diffs[10, "peer_usage"] < 1e-5, diffs
+    assert diffs[10, "expert_usage"] < 1e-5, diffs
 
 
 def test_tp2_pp2_stop_signal_saves_and_resumes_bitwise(tmp_path, data_cache, runs):

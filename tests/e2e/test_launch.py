@@ -25,7 +25,7 @@ def test_train_then_resume(tmp_path, data_cache):
     assert losses[40] < losses[5] - 0.5, f"training loss did not fall: {losses}"
     val = [m for m in read_metrics(run_dir) if "val_loss" in m]
     assert [m["step"] for m in val] == [20, 40] and val[1]["val_loss"] < val[0]["val_loss"]
-    assert all(0 < m["peer_usage"] <= 1 and m["peer_kl_uniform"] >= 0 for m in val)
+    assert all(0 < m["expert_usage"] <= 1 and m["expert_kl_uniform"] >= 0 for m in val)
     committed = sorted(p.parent.name for p in (run_dir / "checkpoints").glob("step_*/manifest.json"))
     assert committed == ["step_00000020", "step_00000040"]
     assert "step 40/40" in first.stdout and "eval step 40" in first.stdout
@@ -47,7 +47,7 @@ def test_train_then_resume(tmp_path, data_cache):
     assert run.info.status == "FINISHED"
     history = client.get_metric_history(run.info.run_id, "loss")
     assert sorted(m.step for m in history) == [5, 10, 15, 20, 25, 30, 35, 40, 45, 50]
-    assert {"val_loss", "val_perplexity", "peer_usage", "tokens_per_s", "flops_per_s", "grad_norm"} <= set(run.data.metrics)
+    assert {"val_loss", "val_perplexity", "expert_usage", "tokens_per_s", "flops_per_s", "grad_norm"} <= set(run.data.metrics)
     assert run.data.params["model.peer.num_experts"] == "1024"
     assert int(run.data.params["counts.total_params"]) > 0
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]

@@ -284,6 +284,32 @@ def test_moe_experts_start_different_and_steps_run(gloo_world):
     assert losses[-1] < losses[0], losses
 
 
+def test_moe_usage_counts_are_the_gates_routing(gloo_world):
+    """With track_usage, an MoE layer counts per expert the tokens its gate routed there (top-k of
+    the gate's logits, before capacity drops), like PEER counts retrievals: the trainer's
+    expert_usage / expert_kl_uniform read these counts for every sparse layer."""
+    torch.manual_seed(2)
+    cfg = tiny_config("moe")
+    model = build_model(cfg)
+    init_moe_process_groups(model)
+    (layer,) = model.moe_layers()
+    assert list(model.usage_layers()) == [layer]
+    tokens_BT, _ = random_batch(cfg, batch=4, seq_len=16)
+    model(tokens_BT)
+    assert layer.usage_counts.sum() == 0, "counting only while track_usage is set"
+    seen = []
+    layer.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().reshape(-1, cfg.d_model)))
+    layer.track_usage = True
+    model(tokens_BT)
+    model(tokens_BT)
+    logits = torch.cat(seen) @ layer.gate_weight().detach().t()
+    chosen = logits.topk(cfg.moe.top_k, dim=-1).indices.flatten()
+    want = torch.bincount(chosen, minlength=cfg.moe.num_experts)
+    assert torch.equal(layer.usage_counts, want), (layer.usage_counts, want)
+    layer.reset_usage()
+    assert layer.usage_counts.sum() == 0
+
+
 def test_moe_expert_count_must_divide_by_ep_size():
     with pytest.raises(ValueError, match="divisible"):
         build_model(tiny_config("moe"), expert_parallel_size=3)

@@ -122,7 +122,7 @@ def test_pkm_counts_by_hand_and_against_the_built_model(query_batchnorm):
 def test_lm_with_pkm_trains_and_reports_usage():
     torch.manual_seed(0)
     model = build_model(_model_config(impl="fused", query_batchnorm=True))
-    (layer,) = model.retrieval_layers()  # PEER and PKM share the usage path the trainer reads
+    (layer,) = model.usage_layers()  # PEER and PKM share the usage path the trainer reads
     assert not list(model.peer_layers())
     assert isinstance(layer, PKM) and layer.num_experts == 49
     tokens = torch.randint(0, 61, (2, 16))
