@@ -111,46 +111,37 @@ def _validate_pkm(cfg: TrainConfig) -> None:
     if p is None:
         raise ConfigError("model.pkm", None, "model.ffn=pkm needs the memory's settings",
                           "use model=pkm (conf/model/pkm.yaml) or set the model.pkm block")
-    _positive("model.pkm.num_values", p.num_values, 4)
-    root = math.isqrt(p.num_values)
-    if root * root != p.num_values:
-        raise ConfigError("model.pkm.num_values", p.num_values,
-                          "must be a perfect square (product keys split slots into sqrt(N) x sqrt(N))",
-                          f"use {root * root} ({root}^2) or {(root + 1) ** 2} ({root + 1}^2)")
-    _positive("model.pkm.num_heads", p.num_heads)
-    _positive("model.pkm.top_k", p.top_k)
-    if p.top_k > root:
-        raise ConfigError("model.pkm.top_k", p.top_k,
-                          f"exceeds sqrt(num_values)={root}, the number of sub-keys per half",
-                          f"set model.pkm.top_k<={root} or raise model.pkm.num_values")
-    _positive("model.pkm.d_key", p.d_key, 2)
-    if p.d_key % 2:
-        raise ConfigError("model.pkm.d_key", p.d_key, "must be even (split into two product-key halves)",
-                          f"set model.pkm.d_key={p.d_key + 1}")
+    _validate_product_keys("model.pkm", "num_values", "slots", p.num_values, p.num_heads, p.top_k, p.d_key)
     _one_of("model.pkm.impl", p.impl, PEER_IMPLS)
     if cfg.parallel.ep > 1:
         raise ConfigError("parallel.ep", cfg.parallel.ep, "PKM memories are not expert-parallel (the value table is "
                           "replicated)", "set parallel.ep=1 with model=pkm")
 
 
+def _validate_product_keys(prefix: str, count_key: str, what: str, count: int, num_heads: int, top_k: int,
+                           d_key: int) -> None:
+    """The product-key retrieval shared by PEER and PKM: N a perfect square, top_k at most the
+    sqrt(N) sub-keys of a half, d_key even (split into the two halves)."""
+    _positive(f"{prefix}.{count_key}", count, 4)
+    root = math.isqrt(count)
+    if root * root != count:
+        raise ConfigError(f"{prefix}.{count_key}", count,
+                          f"must be a perfect square (product keys split {what} into sqrt(N) x sqrt(N))",
+                          f"use {root * root} ({root}^2) or {(root + 1) ** 2} ({root + 1}^2)")
+    _positive(f"{prefix}.num_heads", num_heads)
+    _positive(f"{prefix}.top_k", top_k)
+    if top_k > root:
+        raise ConfigError(f"{prefix}.top_k", top_k,
+                          f"exceeds sqrt({count_key})={root}, the number of sub-keys per half",
+                          f"set {prefix}.top_k<={root} or raise {prefix}.{count_key}")
+    _positive(f"{prefix}.d_key", d_key, 2)
+    if d_key % 2:
+        raise ConfigError(f"{prefix}.d_key", d_key, "must be even (split into two product-key halves)",
+                          f"set {prefix}.d_key={d_key + 1}")
+
+
 def _validate_peer(p: PeerConfig) -> None:
-    _positive("model.peer.num_experts", p.num_experts, 4)
-    root = math.isqrt(p.num_experts)
-    if root * root != p.num_experts:
-        lo, hi = root * root, (root + 1) ** 2
-        raise ConfigError("model.peer.num_experts", p.num_experts,
-                          "must be a perfect square (product keys split experts into sqrt(N) x sqrt(N))",
-                          f"use {lo} ({root}^2) or {hi} ({root + 1}^2)")
-    _positive("model.peer.num_heads", p.num_heads)
-    _positive("model.peer.top_k", p.top_k)
-    if p.top_k > root:
-        raise ConfigError("model.peer.top_k", p.top_k,
-                          f"exceeds sqrt(num_experts)={root}, the number of sub-keys per half",
-                          f"set model.peer.top_k<={root} or raise model.peer.num_experts")
-    _positive("model.peer.d_key", p.d_key, 2)
-    if p.d_key % 2:
-        raise ConfigError("model.peer.d_key", p.d_key, "must be even (split into two product-key halves)",
-                          f"set model.peer.d_key={p.d_key + 1}")
+    _validate_product_keys("model.peer", "num_experts", "experts", p.num_experts, p.num_heads, p.top_k, p.d_key)
     _one_of("model.peer.activation", p.activation, ACTIVATIONS)
     _one_of("model.peer.impl", p.impl, PEER_IMPLS)
 
