@@ -80,6 +80,10 @@ class CheckpointConfig:
     load_step: Optional[int] = doc("resume from the checkpoint of this step instead of the latest; null for the latest")
     keep_last: int = doc("keep this many newest complete checkpoints, deleting older ones after each save; 0 keeps all")
     staging_dir: Optional[str] = doc("local scratch directory for files on their way to or from remote storage; null: the system temp dir")
+    init_from: Optional[str] = doc("warm start: initialise the model from a run's checkpoint dir, a step dir or an export (local or URL), then train from step 0; ignored once this run has checkpoints of its own")
+    init_optimizer: bool = doc("with init_from: also take its optimizer state (AdamW moments and step counts)")
+    init_strict: bool = doc("with init_from: every tensor must be there with its shape; false loads the tensors that match and lists the new and unused ones")
+    export_max_shard_gb: float = doc("python -m orchestrator.export: largest safetensors file, in GB (a bigger tensor gets a file of its own)")
 
 
 @dataclass

@@ -179,14 +179,14 @@ class Trainer:
         return _redact_urls(to_dict(self.cfg))
 
     def _maybe_resume(self):
-        if not self.cfg.checkpoint.resume:
-            return None
-        loaded = self.checkpoints.load(self.engine, self._config_record())
+        loaded = self.checkpoints.load(self.engine, self._config_record()) if self.cfg.checkpoint.resume else None
+        self.checkpoints.maybe_warm_start(self.engine, resumed=loaded)  # checkpoint.init_from
         if loaded is None:
             return None
         self.state = TrainState(**loaded.client_state["train_state"])
         self.batches.load_state_dict(loaded.rank_state["data"])
-        self._load_rank_state(loaded.rank_state.get("extra", {}))
+        if not loaded.resharded:  # resharding restored the buffers and expert shards itself
+            self._load_rank_state(loaded.rank_state.get("extra", {}))
         return loaded
 
     def _rank_state(self) -> dict:

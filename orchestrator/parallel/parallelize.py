@@ -32,6 +32,7 @@ from model.moe import MoEFeedForward
 from model.peer import PEER
 from orchestrator.parallel.dims import ParallelDims
 from orchestrator.parallel.expert_parallel import DimShardedPEER
+from orchestrator.parallel.shards import declare_child_names
 
 
 def parallelize(model: nn.Module, dims: ParallelDims) -> nn.Module:
@@ -64,6 +65,10 @@ def parallelize(model: nn.Module, dims: ParallelDims) -> nn.Module:
                 if child.ep_size != dims.ep:
                     raise ValueError(f"MoE layer {name} was built with ep_size={child.ep_size}, dims say ep={dims.ep}")
                 child.reset_local_experts(ep_rank)
+                # Checkpoints: local expert j is global expert ep_rank * L + j (DeepSpeed's placement).
+                local = len(child.local_experts())
+                declare_child_names(child.moe.deepspeed_moe.experts.deepspeed_experts,
+                                    {str(j): str(ep_rank * local + j) for j in range(local)})
             elif dims.tp == 1 and isinstance(child, PEER) and not isinstance(child, DimShardedPEER):
                 setattr(parent, name, DimShardedPEER.from_peer(child, ep_group, dims.expert_group_name))
     if dims.tp > 1:

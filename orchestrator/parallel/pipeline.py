@@ -49,6 +49,7 @@ from model.moe import MoEFeedForward
 from model.peer import PEER
 from model.pkm import PKM
 from orchestrator.parallel.dims import ParallelDims
+from orchestrator.parallel.shards import declare_child_names
 
 TIED_KEY = "embed"
 
@@ -112,6 +113,7 @@ class BlockPipe(nn.Module):
         super().__init__()
         self.block = block
         self.index = index  # the block's index in the whole model
+        declare_child_names(self, {"block": f"blocks.{index}"})  # checkpoints: the model's name
 
     def forward(self, inputs):
         x_BTD, aux = inputs
@@ -125,6 +127,7 @@ class FinalNormPipe(nn.Module):
     def __init__(self, norm: RMSNorm) -> None:
         super().__init__()
         self.norm = norm
+        declare_child_names(self, {"norm": "final_norm"})
 
     def forward(self, inputs):
         x_BTD, aux = inputs
@@ -196,6 +199,10 @@ def _make_module_class():
             for i, spec in enumerate(self._layer_specs):
                 if not self._local_start <= i < self._local_stop:
                     self._layer_specs[i] = _LocalOnly(type(spec).__name__)
+            # Checkpoints: a stage's layer i and the tied embedding hold tensors under the model's
+            # own names (EmbeddingPipe.embed, BlockPipe -> blocks.<index>, FinalNormPipe -> final_norm).
+            declare_child_names(self, {name: "" for name in self._modules})
+            declare_child_names(self.tied_modules, {key: "" for key in self.tied_modules})
 
         def to(self, *args, **kwargs):
             # PipelineModule.__init__ moves the stage to the accelerator; with ep > 1 the PEER
