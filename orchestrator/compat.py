@@ -23,7 +23,13 @@ def zero_param_groups(zero_optimizer) -> list[list]:
 def zero_init_optimizer_states(zero_optimizer, keys=("exp_avg", "exp_avg_sq")) -> None:
     """Create AdamW's state (zeros, step 0) for every flat fp32 partition of a ZeRO 1/2 optimizer
     that has none yet, and link every parameter's fragment mapping to it, as DeepSpeed's own first
-    step does (`single_partition_of_fp32_groups`, lazy_init_hp_params_optimizer_state)."""
+    step does (`single_partition_of_fp32_groups`, lazy_init_hp_params_optimizer_state).
+
+    Also needed after training: DeepSpeed 0.19 links the fragments once, right after the first
+    param group's first step (`_optimizer_step(0)`), when the other groups have no state yet, so
+    their fragments stay empty and safe_get_full_optimizer_state raises "exp_avg not found in
+    optimizer state fragment" for every parameter outside group 0. Linking again is harmless: the
+    fragments are views of the state tensors."""
     import torch
     from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
 

@@ -36,7 +36,7 @@ import tempfile
 import time
 import types
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -472,8 +472,8 @@ class CheckpointManager:
         apply_local_state(engine, values)
         _test_resave(engine, info)
         if engine.lr_scheduler is not None and portable.get("scheduler"):
-            engine.lr_scheduler.load_state_dict(portable["scheduler"])
-            for group, lr in zip(engine.optimizer.param_groups, _repeat_last(engine.lr_scheduler.get_last_lr())):
+            engine.lr_scheduler.load_state_dict(_per_group(portable["scheduler"], len(engine.optimizer.param_groups)))
+            for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
                 group["lr"] = lr
         train_state = portable.get("train_state") or {}
         if hasattr(engine, "global_steps") and "step" in train_state:
@@ -561,11 +561,16 @@ class CheckpointManager:
         return Loaded(info, client_state, rank_state)
 
 
-def _repeat_last(values: list) -> "Iterator":
-    """values, then its last element forever (a layout may have more optimizer groups)."""
-    yield from values
-    while True:
-        yield values[-1]
+def _per_group(scheduler_state: dict, num_groups: int) -> dict:
+    """A scheduler state with one entry per optimizer group of this layout: expert parallelism
+    splits each group in two (expert parameters apart), so the number of groups depends on the
+    layout. Every group has the same base LR and factor here (orchestrator/engine.py), so the
+    per-group lists are the first group's value repeated."""
+    out = dict(scheduler_state)
+    for key in ("base_lrs", "_last_lr", "lr_lambdas"):
+        if isinstance(out.get(key), list) and out[key]:
+            out[key] = [out[key][0]] * num_groups
+    return out
 
 
 def _json_safe(state: dict) -> dict:

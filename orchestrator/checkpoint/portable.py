@@ -76,6 +76,10 @@ def local_tensors(engine, with_values: bool = True) -> list[LocalTensor]:
     module = engine.module
     decls = declarations(module)
     zero = _zero_stage(engine)
+    if zero > 0 and with_values:
+        from orchestrator.compat import zero_init_optimizer_states
+
+        zero_init_optimizer_states(engine.optimizer)  # links every group's state (see there)
     out: list[LocalTensor] = []
     names_of: dict[int, list[str]] = {}
     for local_name, t in module.state_dict(keep_vars=True).items():
