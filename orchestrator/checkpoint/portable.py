@@ -153,15 +153,17 @@ def write_rank_file(engine, directory: str, rank: int, gather: Callable) -> list
     tensors: dict[str, torch.Tensor] = {}
     records: list[dict] = []
     for lt in held:
+        order = lt.declaration.storage_order
         for i, piece in enumerate(lt.declaration.pieces):
             if first_holder[(lt.key, piece.global_offsets)] != rank:
                 continue
-            name = f"{lt.key}#{i}"
-            data = local_view(lt.tensor, piece).contiguous().cpu().clone()
-            tensors[name] = data
-            records.append({"key": lt.key, "shape": list(lt.declaration.global_shape), "dtype": _DTYPES[data.dtype],
-                            "entry": name, "offsets": list(piece.global_offsets), "sizes": list(piece.sizes),
-                            "sha256": _digest(data)})
+            for j, (block, offsets) in enumerate(_blocks(local_view(lt.tensor, piece), piece.global_offsets, order)):
+                name = f"{lt.key}#{i}.{j}"
+                data = (block.permute(order) if order else block).contiguous().cpu().clone()
+                tensors[name] = data
+                records.append({"key": lt.key, "shape": list(lt.declaration.global_shape), "dtype": _DTYPES[data.dtype],
+                                "entry": name, "offsets": list(offsets), "sizes": list(block.shape),
+                                "order": list(order) if order else None, "sha256": _digest(data)})
     path = os.path.join(directory, portable_file(rank))
     save_file(tensors, path)
     spans = _entry_spans(path)
@@ -171,12 +173,36 @@ def write_rank_file(engine, directory: str, rank: int, gather: Callable) -> list
     return records
 
 
+# A piece is written as up to MAX_BLOCKS blocks along its outermost stored dim (at least
+# MIN_BLOCK_BYTES each), so that a reader under another layout that needs part of it reads the
+# blocks that overlap its part, not the whole piece: a 1024^2 x 1024 PEER table held whole (4 GiB)
+# becomes 64 blocks of 16 columns, and each of 8 expert-parallel ranks reads its 8 blocks.
+MAX_BLOCKS = 64
+MIN_BLOCK_BYTES = 1 << 16
+
+
+def _blocks(view: torch.Tensor, global_offsets, order):
+    """(block, its global offsets) along the piece's outermost stored dim."""
+    if view.dim() == 0:
+        yield view, tuple(global_offsets)
+        return
+    dim = order[0] if order else 0
+    size = view.shape[dim]
+    count = max(1, min(MAX_BLOCKS, size, view.numel() * view.element_size() // MIN_BLOCK_BYTES))
+    step = -(-size // count)
+    for start in range(0, size, step):
+        width = min(step, size - start)
+        offsets = list(global_offsets)
+        offsets[dim] += start
+        yield view.narrow(dim, start, width), tuple(offsets)
+
+
 def build_index(per_rank_records: Iterable[list[dict]]) -> dict:
     tensors: dict[str, dict] = {}
     for records in per_rank_records:
         for rec in records:
             entry = tensors.setdefault(rec["key"], {"shape": rec["shape"], "dtype": rec["dtype"], "chunks": []})
-            entry["chunks"].append({k: rec[k] for k in ("file", "offsets", "sizes", "begin", "end", "sha256")})
+            entry["chunks"].append({k: rec[k] for k in ("file", "offsets", "sizes", "order", "begin", "end", "sha256")})
     return {"version": PORTABLE_VERSION, "tensors": tensors}
 
 
@@ -217,7 +243,12 @@ class ChunkReader:
         if chunk.get("sha256") and hashlib.sha256(data).hexdigest() != chunk["sha256"]:
             raise DamagedChunk(f"{chunk['file']}: bytes {chunk['begin']}-{chunk['end']} differ from their SHA-256")
         t = torch.frombuffer(bytearray(data), dtype=_TORCH_DTYPES[dtype]) if data else torch.empty(0, dtype=_TORCH_DTYPES[dtype])
-        return t.reshape(chunk["sizes"])
+        order = chunk.get("order")
+        if not order:
+            return t.reshape(chunk["sizes"])
+        stored = t.reshape([chunk["sizes"][d] for d in order])
+        inverse = [order.index(d) for d in range(len(order))]
+        return stored.permute(inverse)  # back to the tensor's own dims (a view)
 
 
 def storage_range_reader(storage, tag: Optional[str] = None) -> Callable[[str, int, int], bytes]:

@@ -32,10 +32,21 @@ from model.moe import MoEFeedForward
 from model.peer import PEER
 from orchestrator.parallel.dims import ParallelDims
 from orchestrator.parallel.expert_parallel import DimShardedPEER
-from orchestrator.parallel.shards import declare_child_names
+from orchestrator.parallel.shards import declare_child_names, declare_storage_order
 
 
 def parallelize(model: nn.Module, dims: ParallelDims) -> nn.Module:
+    model = _parallelize(model, dims)
+    # Checkpoints: PEER tables are split along d (columns) by ep and tp, so their files hold them
+    # column-major, whatever this run's layout (orchestrator/parallel/shards.py).
+    for module in model.modules():
+        if isinstance(module, PEER):
+            for table in (module.expert_down, module.expert_up):
+                declare_storage_order(table, "weight", (1, 0))
+    return model
+
+
+def _parallelize(model: nn.Module, dims: ParallelDims) -> nn.Module:
     if dims.pp > 1:
         # Pipeline first (orchestrator/parallel/pipeline.py): this rank keeps its stage's layers,
         # and the steps below apply to those. DeepSpeed MoE layers would otherwise make their

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
@@ -39,6 +40,7 @@ class TensorDeclaration:
     name: str
     global_shape: tuple[int, ...]
     pieces: tuple[Piece, ...]
+    storage_order: Optional[tuple[int, ...]] = None  # dims outermost first in files; None: as is
 
     @property
     def whole(self) -> bool:
@@ -47,6 +49,7 @@ class TensorDeclaration:
 
 _TENSORS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 _CHILD_NAMES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+_ORDERS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
 def declare_tensor(module: nn.Module, name: str, global_shape, pieces) -> None:
@@ -55,6 +58,14 @@ def declare_tensor(module: nn.Module, name: str, global_shape, pieces) -> None:
 
 def declare_child_names(module: nn.Module, names: dict[str, str]) -> None:
     _CHILD_NAMES.setdefault(module, {}).update(names)
+
+
+def declare_storage_order(module: nn.Module, name: str, order: tuple[int, ...]) -> None:
+    """Checkpoints store the module's tensor `name` with dims permuted to `order` (outermost
+    first), so that the dim layouts split it along is outermost: a rank's slice along it is then
+    a contiguous byte range of the file, read with one ranged read. Declared alike in every
+    layout (it is a property of the tensor, not of a layout)."""
+    _ORDERS.setdefault(module, {})[name] = tuple(order)
 
 
 def slice_along(global_shape, dim: int, start: int, size: int) -> tuple[Piece]:
@@ -89,7 +100,7 @@ def declarations(root: nn.Module) -> dict[str, TensorDeclaration]:
             else:
                 shape = tuple(tensor.shape)
                 pieces = (Piece((0,) * tensor.dim(), (0,) * tensor.dim(), shape),)
-            out[local] = TensorDeclaration(global_name, shape, pieces)
+            out[local] = TensorDeclaration(global_name, shape, pieces, _ORDERS.get(module, {}).get(name))
         renames = _CHILD_NAMES.get(module, {})
         for child_name, child in module._modules.items():
             if child is None:

@@ -136,7 +136,8 @@ def test_resume_under_another_layout_through_s3(uninterrupted, tmp_path, data_ca
     assert f"resharded step_{SAVED:08d} from {DESCRIBED['1']} to {DESCRIBED['dp2ep2']}" in line, describe(proc)
     low, high, total = (int(x.replace(",", "")) for x in
                         re.search(r"bytes read per rank ([\d,]+)-([\d,]+) of ([\d,]+)", line).groups())
-    tables = sum(saved.joinpath("state_rank_00000.safetensors").stat().st_size for _ in [0])
-    assert 0 < low <= high < total <= tables, line
+    # Under ep2 a rank needs half of each PEER table (and of its two AdamW moments): about a third
+    # of this tiny model's tensor bytes are never read by it.
+    assert 0 < low <= high < 0.75 * total, line
     print(line)
     _check_lossless(saved, resaved)

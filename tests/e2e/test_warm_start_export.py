@@ -47,6 +47,7 @@ def source(tmp_path_factory, data_cache) -> Path:
 
 
 def _fine_tune(tmp_path: Path, data_cache, init_from, steps=2, extra=()):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     args = COMMON + FINE_TUNE_DATA + [f"trainer.max_steps={steps}", f"run.root={tmp_path}",
                                       f"data.cache_dir={data_cache}", f"checkpoint.init_from={init_from}", *extra]
     return launch(args, cwd=tmp_path)
@@ -108,8 +109,9 @@ def test_warm_start_refuses_a_shape_mismatch_and_loads_what_matches(source, tmp_
     dense = _fine_tune(tmp_path / "dense", data_cache, source, steps=1, extra=["model=dense", "checkpoint.init_strict=false"])
     assert dense.returncode == 0, describe(dense)
     line = next(ln for ln in dense.stdout.splitlines() if ln.startswith("warm start:"))
-    assert "new (kept as initialised): model/blocks.1.ffn.up.weight" in line, line
-    assert "unused: " in line and "model/blocks.1.ffn.expert_down.weight" in line, line
+    new, unused = line.split("; new (kept as initialised): ")[1].split("; unused: ")
+    assert new.split(", ") == ["model/blocks.1.ffn.down.weight", "model/blocks.1.ffn.up.weight"], line
+    assert "model/blocks.1.ffn.expert_down.weight" in unused and "model/blocks.0" not in unused, line
 
 
 def _export(src, out) -> subprocess.CompletedProcess:
