@@ -342,6 +342,7 @@ class CheckpointManager:
                 "portable": {**build_index(portable_records), "layout": layout_of(config),
                              "train_state": client_state.get("train_state"),
                              "mlflow_run_id": client_state.get("mlflow_run_id"),
+                             "client_state": _json_safe(client_state),
                              "scheduler": _json_safe(engine.lr_scheduler.state_dict()) if engine.lr_scheduler else None,
                              "data": rank_state.get("data")},
             }
@@ -486,7 +487,8 @@ class CheckpointManager:
                 f"bytes read per rank {min(read):,}-{max(read):,} of {total:,} (tensor bytes of the checkpoint)")
         if rank == 0:
             self.log(line)
-        client_state = {"train_state": train_state, "mlflow_run_id": portable.get("mlflow_run_id")}
+        client_state = portable.get("client_state") or {"train_state": train_state,
+                                                         "mlflow_run_id": portable.get("mlflow_run_id")}
         return Loaded(info, client_state, {"data": portable.get("data") or {}, "extra": {}}, resharded=line)
 
     def _read_rank_file(self, info: CheckpointInfo, rank: int) -> dict:
