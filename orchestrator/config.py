@@ -40,7 +40,7 @@ class OptimConfig:
     lr: float = doc("peak learning rate of AdamW")
     min_lr_ratio: float = doc("learning rate at the end of cosine decay, as a fraction of lr")
     warmup_steps: int = doc("linear warmup steps from 0 to lr")
-    decay_steps: Optional[int] = doc("steps of cosine decay after warmup; null means until trainer.max_steps")
+    decay_steps: Optional[int] = doc("steps of cosine decay after warmup; null: until trainer.max_steps (on resume: the checkpoint's)")
     weight_decay: float = doc("AdamW decoupled weight decay on matrices (not on norms, biases, keys or embeddings)")
     beta1: float = doc("AdamW beta1")
     beta2: float = doc("AdamW beta2")

@@ -16,7 +16,7 @@ norms, gates and routing replicated. Every shard is a slice of the single-proces
 Pipeline parallelism (pp > 1, orchestrator/parallel/pipeline.py) comes first: the model becomes
 this rank's stage, a DeepSpeed PipelineModule holding contiguous blocks, and expert and tensor
 parallelism then apply to that stage's layers (the stage's tp ranks are a tp group of the same mesh:
-rank = (pp_rank * dp + dp_rank) * tp + tp_rank). Its engine is built by pipeline.build_pipeline_engine
+rank = (pp_rank * dp + dp_rank) * tp + tp_rank). Its engine is built by orchestrator/engine/pipeline.build_pipeline_deepspeed
 (deepspeed.initialize takes the module's own grid; it refuses an mpu beside a PipelineModule).
 
 Call it on every rank, after torch.distributed is initialised and before deepspeed.initialize

@@ -36,7 +36,7 @@ computed from replicated values with replicated output gradients); tp-sharded on
 `tensor_model_parallel = True`, the attribute DeepSpeed 0.19's norm code reads
 (deepspeed.runtime.utils.is_model_parallel_parameter): its gradient norm counts a sharded
 parameter on every tp rank and a replicated one on tp rank 0 only, then sums over the group.
-The trainer's own norm (orchestrator/train.py, without ZeRO) does the same.
+The engines' own norm (orchestrator/engine/grad_norm.py, without ZeRO) does the same.
 
 Every shard is a slice of the weights the single-process model gets from the same seed (the model
 is built whole, then sliced; PEER tables are built slice by slice when deferred), so the sharded
