@@ -40,7 +40,7 @@ class OptimConfig:
     lr: float = doc("peak learning rate of AdamW")
     min_lr_ratio: float = doc("learning rate at the end of cosine decay, as a fraction of lr")
     warmup_steps: int = doc("linear warmup steps from 0 to lr")
-    decay_steps: Optional[int] = doc("steps of cosine decay after warmup; null means until trainer.max_steps")
+    decay_steps: Optional[int] = doc("steps of cosine decay after warmup; null: until trainer.max_steps (on resume: the checkpoint's)")
     weight_decay: float = doc("AdamW decoupled weight decay on matrices (not on norms, biases, keys or embeddings)")
     beta1: float = doc("AdamW beta1")
     beta2: float = doc("AdamW beta2")
@@ -80,6 +80,10 @@ class CheckpointConfig:
     load_step: Optional[int] = doc("resume from the checkpoint of this step instead of the latest; null for the latest")
     keep_last: int = doc("keep this many newest complete checkpoints, deleting older ones after each save; 0 keeps all")
     staging_dir: Optional[str] = doc("local scratch directory for files on their way to or from remote storage; null: the system temp dir")
+    init_from: Optional[str] = doc("warm start: initialise the model from a run's checkpoint dir, a step dir or an export (local or URL), then train from step 0; ignored once this run has checkpoints of its own")
+    init_optimizer: bool = doc("with init_from: also take its optimizer state (AdamW moments and step counts)")
+    init_strict: bool = doc("with init_from: every tensor must be there with its shape; false loads the tensors that match and lists the new and unused ones")
+    export_max_shard_gb: float = doc("python -m orchestrator.export: largest safetensors file, in GB (a bigger tensor gets a file of its own)")
 
 
 @dataclass

@@ -355,6 +355,13 @@ def _validate_io(cfg: TrainConfig) -> None:
                               "drop one of the two overrides")
     from orchestrator.storage import check_url, redact
 
+    if cfg.checkpoint.init_from is not None and check_url(cfg.checkpoint.init_from):
+        raise ConfigError("checkpoint.init_from", redact(cfg.checkpoint.init_from),
+                          f"cannot be opened here: {check_url(cfg.checkpoint.init_from)}",
+                          "give a local path or a URL whose fsspec filesystem is installed")
+    if cfg.checkpoint.export_max_shard_gb <= 0:
+        raise ConfigError("checkpoint.export_max_shard_gb", cfg.checkpoint.export_max_shard_gb, "must be positive",
+                          "set it to the largest file size wanted, in GB (for example 2.0)")
     problem = check_url(cfg.checkpoint.dir)
     if problem:
         protocol = cfg.checkpoint.dir.split("://", 1)[0]

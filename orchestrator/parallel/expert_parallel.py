@@ -44,6 +44,7 @@ from torch import nn
 
 from model.kernels import gathered_dot, weighted_gather_sum
 from model.peer import PEER
+from orchestrator.parallel.shards import declare_tensor, slice_along
 
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
 
@@ -198,6 +199,9 @@ class DimShardedPEER(PEER):
             table = nn.Embedding(peer.num_experts, self.cols, _weight=local)
             if ep > 1:
                 mark_expert_param(table.weight, group_name)
+            # Checkpoints: this table is columns [col_start, + cols) of the model's [N, d] table.
+            declare_tensor(table, "weight", (peer.num_experts, peer.d_model),
+                           slice_along((peer.num_experts, peer.d_model), 1, self.col_start, self.cols))
             self.add_module(name, table)
         return self
 

@@ -16,7 +16,7 @@ norms, gates and routing replicated. Every shard is a slice of the single-proces
 Pipeline parallelism (pp > 1, orchestrator/parallel/pipeline.py) comes first: the model becomes
 this rank's stage, a DeepSpeed PipelineModule holding contiguous blocks, and expert and tensor
 parallelism then apply to that stage's layers (the stage's tp ranks are a tp group of the same mesh:
-rank = (pp_rank * dp + dp_rank) * tp + tp_rank). Its engine is built by pipeline.build_pipeline_engine
+rank = (pp_rank * dp + dp_rank) * tp + tp_rank). Its engine is built by orchestrator/engine/pipeline.build_pipeline_deepspeed
 (deepspeed.initialize takes the module's own grid; it refuses an mpu beside a PipelineModule).
 
 Call it on every rank, after torch.distributed is initialised and before deepspeed.initialize
@@ -32,9 +32,21 @@ from model.moe import MoEFeedForward
 from model.peer import PEER
 from orchestrator.parallel.dims import ParallelDims
 from orchestrator.parallel.expert_parallel import DimShardedPEER
+from orchestrator.parallel.shards import declare_child_names, declare_storage_order
 
 
 def parallelize(model: nn.Module, dims: ParallelDims) -> nn.Module:
+    model = _parallelize(model, dims)
+    # Checkpoints: PEER tables are split along d (columns) by ep and tp, so their files hold them
+    # column-major, whatever this run's layout (orchestrator/parallel/shards.py).
+    for module in model.modules():
+        if isinstance(module, PEER):
+            for table in (module.expert_down, module.expert_up):
+                declare_storage_order(table, "weight", (1, 0))
+    return model
+
+
+def _parallelize(model: nn.Module, dims: ParallelDims) -> nn.Module:
     if dims.pp > 1:
         # Pipeline first (orchestrator/parallel/pipeline.py): this rank keeps its stage's layers,
         # and the steps below apply to those. DeepSpeed MoE layers would otherwise make their
@@ -64,6 +76,10 @@ def parallelize(model: nn.Module, dims: ParallelDims) -> nn.Module:
                 if child.ep_size != dims.ep:
                     raise ValueError(f"MoE layer {name} was built with ep_size={child.ep_size}, dims say ep={dims.ep}")
                 child.reset_local_experts(ep_rank)
+                # Checkpoints: local expert j is global expert ep_rank * L + j (DeepSpeed's placement).
+                local = len(child.local_experts())
+                declare_child_names(child.moe.deepspeed_moe.experts.deepspeed_experts,
+                                    {str(j): str(ep_rank * local + j) for j in range(local)})
             elif dims.tp == 1 and isinstance(child, PEER) and not isinstance(child, DimShardedPEER):
                 setattr(parent, name, DimShardedPEER.from_peer(child, ep_group, dims.expert_group_name))
     if dims.tp > 1:

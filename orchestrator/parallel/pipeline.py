@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import math
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +48,7 @@ from model.moe import MoEFeedForward
 from model.peer import PEER
 from model.pkm import PKM
 from orchestrator.parallel.dims import ParallelDims
+from orchestrator.parallel.shards import declare_child_names
 
 TIED_KEY = "embed"
 
@@ -112,6 +112,7 @@ class BlockPipe(nn.Module):
         super().__init__()
         self.block = block
         self.index = index  # the block's index in the whole model
+        declare_child_names(self, {"block": f"blocks.{index}"})  # checkpoints: the model's name
 
     def forward(self, inputs):
         x_BTD, aux = inputs
@@ -125,6 +126,7 @@ class FinalNormPipe(nn.Module):
     def __init__(self, norm: RMSNorm) -> None:
         super().__init__()
         self.norm = norm
+        declare_child_names(self, {"norm": "final_norm"})
 
     def forward(self, inputs):
         x_BTD, aux = inputs
@@ -196,6 +198,10 @@ def _make_module_class():
             for i, spec in enumerate(self._layer_specs):
                 if not self._local_start <= i < self._local_stop:
                     self._layer_specs[i] = _LocalOnly(type(spec).__name__)
+            # Checkpoints: a stage's layer i and the tied embedding hold tensors under the model's
+            # own names (EmbeddingPipe.embed, BlockPipe -> blocks.<index>, FinalNormPipe -> final_norm).
+            declare_child_names(self, {name: "" for name in self._modules})
+            declare_child_names(self.tied_modules, {key: "" for key in self.tied_modules})
 
         def to(self, *args, **kwargs):
             # PipelineModule.__init__ moves the stage to the accelerator; with ep > 1 the PEER
@@ -313,128 +319,3 @@ def split_micro_batches(micro_batches, pp_microbatches: int) -> list:
     for inputs_BT, targets_BT in micro_batches:
         pieces += list(zip(inputs_BT.chunk(pp_microbatches), targets_BT.chunk(pp_microbatches)))
     return pieces
-
-
-# ----------------------------------------------------------------------------- engine
-
-
-def pipeline_deepspeed_config(cfg, bf16: bool) -> dict:
-    """DeepSpeed's config under pp: micro-batches of micro_batch_size / pp_microbatches sequences,
-    grad_accum_steps x pp_microbatches of them per step, the same global batch."""
-    from orchestrator.engine import deepspeed_config
-
-    t, p = cfg.trainer, cfg.parallel
-    config = deepspeed_config(cfg, bf16)
-    config["train_micro_batch_size_per_gpu"] = t.micro_batch_size // p.pp_microbatches
-    config["gradient_accumulation_steps"] = t.grad_accum_steps * p.pp_microbatches
-    config["train_batch_size"] = t.micro_batch_size * t.grad_accum_steps * p.dp
-    # With tp > 1 DeepSpeed would by default send 1/tp of the first activation tensor between
-    # stages and all-gather it over the tp group ("pipe_partitioned"), and the same for its
-    # gradient ("grad_partitioned"). Its partitioned path asserts that the other tensors a stage
-    # sends do not require grad, and our carried aux loss does (MoE load-balancing losses flow
-    # back through the stages). Send whole activations instead: exact, tp times the p2p bytes.
-    config["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
-    return config
-
-
-def build_pipeline_engine(module: nn.Module, cfg, bf16: bool, dims: ParallelDims):
-    """deepspeed.initialize for a PipelineModule (DeepSpeed takes the module's own grid as mpu);
-    returns (engine, scheduler). Without ZeRO, the engine computes the gradient norm (and clips)
-    with `pipeline_grad_norm` right before each optimizer step, into `engine.peerlab_grad_norm`."""
-    import deepspeed
-    from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
-
-    from orchestrator.engine import _expert_params_count_as_moe, lr_lambda, param_groups, trainer_clips_gradients
-
-    o = cfg.optim
-    groups = param_groups(module, o.weight_decay)
-    if any(is_moe_param(p) for p in module.parameters()):
-        groups = split_params_into_different_moe_groups_for_optimizer(groups)
-    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o, cfg.trainer.max_steps))
-    with _expert_params_count_as_moe(module):
-        engine, _, _, scheduler = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
-                                                       config=pipeline_deepspeed_config(cfg, bf16))
-    engine.peerlab_grad_norm = float("nan")
-    if cfg.parallel.zero_stage == 1:
-        _sum_zero_norm_over_stages(engine)
-    if cfg.parallel.zero_stage == 0:
-        clip = cfg.optim.grad_clip if trainer_clips_gradients(cfg) else 0.0
-        original = engine._take_model_step
-
-        def take_model_step(lr_kwargs=None):
-            norm = pipeline_grad_norm(engine, dims)
-            engine.peerlab_grad_norm = norm
-            if clip > 0:
-                params = [p for p in engine.module.parameters() if p.grad is not None]
-                torch.nn.utils.clip_grads_with_norm_(params, clip, torch.tensor(norm))
-            original(lr_kwargs)
-
-        engine._take_model_step = take_model_step
-    return engine, scheduler
-
-
-def _sum_zero_norm_over_stages(engine) -> None:
-    """ZeRO-1 computes one norm per optimizer param group and all-reduces each over the pipeline
-    (its "model parallel" group). Stages hold different param groups (MoE or expert-parallel PEER
-    layers add 'moe' groups on the stages that hold them), so those per-group collectives do not
-    pair up across stages: a hang. Compute this stage's norm without them, then sum the squares over
-    the stages once."""
-    import torch.distributed as dist
-
-    optimizer, pipe_group = engine.optimizer, engine.grid.get_pipe_parallel_group()
-    stage_norm = optimizer.scaled_global_norm
-    # With tp > 1 the stage norm is still reduced over the stage's tp group (every tp rank of a
-    # stage holds the same param groups): ZeRO counts tp-sharded parameters on every tp rank and
-    # replicated ones on tp rank 0 only (its model_parallel_rank is the grid's tp rank).
-    tp_group = engine.grid.get_slice_parallel_group() if engine.grid.get_slice_parallel_world_size() > 1 else None
-
-    def scaled_global_norm(norm_type=2):
-        saved, optimizer.model_parallel_group = optimizer.model_parallel_group, tp_group
-        try:
-            norm = stage_norm(norm_type)
-        finally:
-            optimizer.model_parallel_group = saved
-        # inf and NaN survive the sum, so an invalid norm on any stage stays invalid everywhere.
-        total = norm.double().pow(2) if float(norm) >= 0 else torch.tensor(float("inf"), dtype=torch.float64)
-        total = total.to(norm.device)
-        dist.all_reduce(total, group=pipe_group)
-        return total.sqrt().to(norm.dtype)
-
-    optimizer.scaled_global_norm = scaled_global_norm
-
-
-def pipeline_grad_norm(engine, dims: ParallelDims) -> float:
-    """Global L2 norm of the (data-parallel-averaged, tied-summed) gradients of the whole model,
-    each number counted once: this stage's replicated gradients here alone (the last stage's copy
-    of a tied embedding is skipped: `ds_pipe_replicated`), expert shards summed over the
-    expert-parallel group, tp-sharded parameters (`tensor_model_parallel`) over the tp group (PEER
-    tables under ep x tp over both), then everything summed over the stages (the pipe group: the
-    ranks with this rank's dp and tp coordinates). As Trainer._reduced_grad_norm, per stage.
-    Collective over the pipe group (and the ep / tp groups when ep / tp > 1)."""
-    import torch.distributed as dist
-    from deepspeed.moe.utils import is_moe_param
-
-    from orchestrator.parallel.tensor_parallel import is_tensor_parallel
-
-    buckets: dict[tuple[bool, bool], list] = {}
-    for p in engine.module.parameters():
-        if p.grad is None or getattr(p, "ds_pipe_replicated", False):
-            continue
-        buckets.setdefault((is_moe_param(p), is_tensor_parallel(p)), []).append(p.grad.detach())
-
-    def sq(expert: bool, sharded: bool) -> float:
-        grads = buckets.get((expert, sharded))
-        return float(torch.nn.utils.get_total_norm(grads)) ** 2 if grads else 0.0
-
-    # [expert, not tp-sharded], [expert, tp-sharded]: summed over the ep group first.
-    expert_sq = torch.tensor([sq(True, False), sq(True, True)], dtype=torch.float64, device=engine.device)
-    if dims.ep > 1:
-        ep_group, _ = dims.expert_groups()
-        dist.all_reduce(expert_sq, group=ep_group)
-    tp_sq = torch.tensor(sq(False, True), dtype=torch.float64, device=engine.device) + expert_sq[1]
-    if dims.tp > 1:
-        dist.all_reduce(tp_sq, group=dims.tp_group())
-    total = torch.tensor(sq(False, False), dtype=torch.float64, device=engine.device) + expert_sq[0] + tp_sq
-    dist.all_reduce(total, group=engine.grid.get_pipe_parallel_group())
-    return math.sqrt(float(total))

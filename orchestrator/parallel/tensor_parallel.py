@@ -36,7 +36,7 @@ computed from replicated values with replicated output gradients); tp-sharded on
 `tensor_model_parallel = True`, the attribute DeepSpeed 0.19's norm code reads
 (deepspeed.runtime.utils.is_model_parallel_parameter): its gradient norm counts a sharded
 parameter on every tp rank and a replicated one on tp rank 0 only, then sums over the group.
-The trainer's own norm (orchestrator/train.py, without ZeRO) does the same.
+The engines' own norm (orchestrator/engine/grad_norm.py, without ZeRO) does the same.
 
 Every shard is a slice of the weights the single-process model gets from the same seed (the model
 is built whole, then sliced; PEER tables are built slice by slice when deferred), so the sharded
@@ -58,6 +58,7 @@ from model.mlp import DenseMLP
 from model.moe import MoEFeedForward
 from model.peer import PEER
 from orchestrator.parallel.expert_parallel import DimShardedPEER, mark_expert_param
+from orchestrator.parallel.shards import Piece, declare_tensor, slice_along
 
 # ----------------------------------------------------------------------------- f and g
 
@@ -183,6 +184,11 @@ class TensorParallelAttention(nn.Module):
         self.out = _linear(attn.out.weight.detach()[:, rows])
         mark_tensor_parallel(self.qkv.weight, 0)
         mark_tensor_parallel(self.out.weight, 1)
+        # Checkpoints: local qkv rows [j * width, + width) are the model's rows
+        # [j * d + rank * width, + width) for j = q, k, v; out holds columns `rows`.
+        declare_tensor(self.qkv, "weight", (3 * d_model, d_model),
+                       [Piece((j * width, 0), (j * d_model + rank * width, 0), (width, d_model)) for j in range(3)])
+        declare_tensor(self.out, "weight", (d_model, d_model), slice_along((d_model, d_model), 1, rank * width, width))
         self.register_buffer("rope_cos", attn.rope_cos, persistent=False)
         self.register_buffer("rope_sin", attn.rope_sin, persistent=False)
 
@@ -218,6 +224,9 @@ class TensorParallelMLP(nn.Module):
         self.down = _linear(mlp.down.weight.detach()[:, rows])
         mark_tensor_parallel(self.up.weight, 0)
         mark_tensor_parallel(self.down.weight, 1)
+        d_model = mlp.up.in_features
+        declare_tensor(self.up, "weight", (d_ff, d_model), slice_along((d_ff, d_model), 0, rank * width, width))
+        declare_tensor(self.down, "weight", (d_model, d_ff), slice_along((d_model, d_ff), 1, rank * width, width))
 
     def forward(self, x_D: torch.Tensor) -> torch.Tensor:
         x_D = copy_to_tp(x_D, self.group)

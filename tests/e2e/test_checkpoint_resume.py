@@ -147,12 +147,18 @@ def test_config_change_is_refused_with_every_key(tmp_path, data_cache):
     assert "checkpoint.resume=false" in err
 
 
-def test_changing_the_expert_parallel_degree_is_refused(tmp_path, data_cache):
+def test_changing_the_global_batch_is_refused_and_a_layout_change_reshards(tmp_path, data_cache):
+    """Another ep resumes through the portable state (tests/e2e/test_layout_change.py checks it
+    in depth); another global batch is another data order: refused, with the numbers."""
     assert launch(_args(tmp_path, data_cache, EP2 + ["trainer.max_steps=2"]), cwd=tmp_path).returncode == 0
-    proc = launch(_args(tmp_path, data_cache, TWO), cwd=tmp_path)
-    assert proc.returncode == 2, describe(proc)
-    errors = [ln for ln in proc.stderr.splitlines() if "error: checkpoint.dir=" in ln]
-    assert errors and "parallel.ep (2 -> 1)" in errors[0], describe(proc)
+    bad = launch(_args(tmp_path, data_cache, TWO + ["trainer.grad_accum_steps=2", "trainer.max_steps=3"]), cwd=tmp_path)
+    assert bad.returncode == 2, describe(bad)
+    err = bad.stderr.strip().splitlines()[-1]
+    assert err.startswith("error: trainer.grad_accum_steps=2: step_00000002 was trained with a global batch of 8 "
+                          "sequences") and "this run's is 16" in err and "checkpoint.init_from" in err, err
+    proc = launch(_args(tmp_path, data_cache, TWO + ["trainer.max_steps=3"]), cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    assert "resharded step_00000002 from dp=2 ep=2 tp=1 pp=1 (2 ranks) to dp=2 ep=1 tp=1 pp=1 (2 ranks)" in proc.stdout
 
 
 def test_load_step_and_retention(tmp_path, data_cache, reference):

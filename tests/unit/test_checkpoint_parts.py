@@ -72,7 +72,8 @@ def test_safe_load_refuses_pickled_code(tmp_path):
 
 def test_only_committed_checkpoints_are_listed(tmp_path):
     cfg = CheckpointConfig(dir=str(tmp_path), every_steps=1, resume=True, load_step=None, keep_last=0,
-                           staging_dir=None)
+                           staging_dir=None, init_from=None, init_optimizer=False, init_strict=True,
+                           export_max_shard_gb=2.0)
     storage = Storage(str(tmp_path))
     for step in (2, 4, 6):
         os.makedirs(tmp_path / tag_for_step(step))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -63,19 +63,66 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def lr_lambda(optim: OptimConfig, max_steps: int):
-    """Multiplier of optim.lr at a step: linear warmup, then cosine to min_lr_ratio, then flat."""
-    warmup = optim.warmup_steps
-    decay = optim.decay_steps if optim.decay_steps is not None else max(1, max_steps - warmup)
+class LRSchedule:
+    """Multiplier of optim.lr at a step: linear warmup, then cosine over decay_steps to
+    min_lr_ratio, then flat. A callable object rather than a closure: LambdaLR saves an object's
+    attributes with the scheduler state, so a checkpoint carries its own decay horizon."""
 
-    def factor(step: int) -> float:
+    def __init__(self, warmup_steps: int, decay_steps: int, min_lr_ratio: float):
+        self.warmup_steps, self.decay_steps, self.min_lr_ratio = warmup_steps, decay_steps, min_lr_ratio
+
+    def __call__(self, step: int) -> float:
+        warmup = self.warmup_steps
         if warmup and step < warmup:
             return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / decay)
+        progress = min(1.0, (step - warmup) / self.decay_steps)
         cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
-        return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * cosine
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * cosine
 
-    return factor
+
+def decay_horizon(optim: OptimConfig, max_steps: int) -> int:
+    """Steps of cosine decay after warmup: optim.decay_steps, or until trainer.max_steps when null."""
+    return optim.decay_steps if optim.decay_steps is not None else max(1, max_steps - optim.warmup_steps)
+
+
+def lr_lambda(optim: OptimConfig, max_steps: int) -> LRSchedule:
+    return LRSchedule(optim.warmup_steps, decay_horizon(optim, max_steps), optim.min_lr_ratio)
+
+
+def continue_schedule(schedule: LRSchedule, optim: OptimConfig, max_steps: int, step: int,
+                      saved_decay_steps: Optional[int], saved_config: dict) -> Optional[str]:
+    """After a resume at `step`: the decay horizon the schedule continues with, and a line saying
+    so when it is not what this run's config alone would give (None otherwise).
+
+    optim.decay_steps set: that horizon (an explicit choice; it takes effect from the next LR
+    update). Unset: the horizon the checkpoint was trained with, so that extending a finished run
+    (a larger trainer.max_steps) continues the schedule instead of stretching the cosine, which
+    would raise the LR at the resume step. `saved_decay_steps` is what the checkpoint recorded;
+    checkpoints that predate the record give it through their config (trainer.max_steps,
+    optim.decay_steps, optim.warmup_steps)."""
+    if saved_decay_steps is None:
+        saved_optim, saved_trainer = saved_config.get("optim", {}), saved_config.get("trainer", {})
+        if saved_optim.get("decay_steps") is not None:
+            saved_decay_steps = int(saved_optim["decay_steps"])
+        elif saved_trainer.get("max_steps") is not None:
+            saved_decay_steps = max(1, int(saved_trainer["max_steps"]) - int(saved_optim.get("warmup_steps", 0)))
+    own = decay_horizon(optim, max_steps)
+    if optim.decay_steps is not None or saved_decay_steps is None:
+        schedule.decay_steps = own
+        if saved_decay_steps is not None and saved_decay_steps != own:
+            return (f"LR schedule: optim.decay_steps={own} replaces the checkpoint's decay horizon of "
+                    f"{saved_decay_steps} steps from step {step + 1} on")
+        return None
+    schedule.decay_steps = saved_decay_steps
+    if saved_decay_steps != own:
+        end = schedule.warmup_steps + saved_decay_steps
+        after = (f"decayed at step {end}, flat at {schedule.min_lr_ratio:g} x optim.lr from there"
+                 if end <= max_steps else f"decaying until step {end}")
+        change = "extending" if own > saved_decay_steps else "shortening"
+        return (f"{change} run: LR schedule continues from step {step} with the checkpoint's decay horizon "
+                f"({saved_decay_steps} steps after {schedule.warmup_steps} warmup: {after}) instead of "
+                f"refitting it to trainer.max_steps={max_steps}; set optim.decay_steps to decay over another horizon")
+    return None
 
 
 def build_engine(model: nn.Module, cfg: TrainConfig, bf16: bool, mpu=None):
