@@ -175,17 +175,16 @@ def _apply_isoflop_point(cfg: DictConfig) -> tuple[DictConfig, list[str]]:
 
 def _sweep_points(overrides: list[str]) -> list[list[str]]:
     """Every point of a sweep, as the overrides of one run, in Hydra's job-number order."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
+    from orchestrator.compat import sweep_points
+
     try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-        batches = BasicSweeper.split_arguments(parsed, None)
+        return sweep_points(OverridesParser.create().parse_overrides(overrides))
     except HydraException as exc:
         fail(f"{' '.join(overrides)}: {str(exc).splitlines()[0]}; fix: sweep with a=1,2 or a=range(1,4) "
              "(one list of values per key)")
-    return [list(point) for batch in batches for point in batch]
 
 
 # The keys a sweep varies, found by _precheck, for the points' tags and the summary table.

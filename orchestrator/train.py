@@ -367,9 +367,9 @@ class Trainer:
         # [expert, not tp-sharded], [expert, tp-sharded]: summed over the ep group first.
         expert_sq = torch.tensor([sq(True, False), sq(True, True)], dtype=torch.float64, device=self.device)
         if self.cfg.parallel.ep > 1:
-            from deepspeed.utils import groups
+            from orchestrator.compat import expert_parallel_group
 
-            dist.all_reduce(expert_sq, group=groups._get_expert_parallel_group(f"ep_size_{self.cfg.parallel.ep}"))
+            dist.all_reduce(expert_sq, group=expert_parallel_group(f"ep_size_{self.cfg.parallel.ep}"))
         tp_sq = torch.tensor(sq(False, True) + float(expert_sq[1]), dtype=torch.float64, device=self.device)
         if self.dims.tp > 1:
             dist.all_reduce(tp_sq, group=self.dims.tp_group())

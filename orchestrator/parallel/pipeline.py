@@ -48,6 +48,7 @@ from model.lm import Block, RMSNorm, TransformerLM
 from model.moe import MoEFeedForward
 from model.peer import PEER
 from model.pkm import PKM
+from orchestrator.compat import synchronize_tied_weights
 from orchestrator.parallel.dims import ParallelDims
 
 TIED_KEY = "embed"
@@ -205,13 +206,13 @@ def _make_module_class():
                 return self
             return super().to(*args, **kwargs)
 
-        def _synchronize_tied_weights(self):
+        def _synchronize_tied_weights(self):  # overrides DeepSpeed's private method (tests/unit/test_compat.py)
             if getattr(self, "_loading", False):
                 return
             # DeepSpeed broadcasts the tied table from the first stage in place; outside no_grad
             # autograd records that on the parameter (and warns at every backward).
             with torch.no_grad():
-                super()._synchronize_tied_weights()
+                synchronize_tied_weights(super())
 
         def load_state_dir(self, load_dir, checkpoint_engine, strict=True):
             # DeepSpeed loads a stage with MoE layers from its model-states file, any other stage
@@ -227,7 +228,7 @@ def _make_module_class():
         def synchronize_tied_weights(self) -> None:
             """Copy the first stage's tied embedding to the last stage's copy (collective: every
             rank calls it). The last stage does not save its copy when it has no MoE layer."""
-            self._synchronize_tied_weights()
+            synchronize_tied_weights(self)
 
         def _partition_layers(self, method="blocks"):
             self.parts = layer_parts(self._num_blocks, self.num_stages)
@@ -344,7 +345,8 @@ def build_pipeline_engine(module: nn.Module, cfg, bf16: bool, dims: ParallelDims
     import deepspeed
     from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
 
-    from orchestrator.engine import _expert_params_count_as_moe, lr_lambda, param_groups, trainer_clips_gradients
+    from orchestrator.compat import expert_params_count_as_moe, run_before_model_step
+    from orchestrator.engine import lr_lambda, param_groups, trainer_clips_gradients
 
     o = cfg.optim
     groups = param_groups(module, o.weight_decay)
@@ -352,7 +354,7 @@ def build_pipeline_engine(module: nn.Module, cfg, bf16: bool, dims: ParallelDims
         groups = split_params_into_different_moe_groups_for_optimizer(groups)
     optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o, cfg.trainer.max_steps))
-    with _expert_params_count_as_moe(module):
+    with expert_params_count_as_moe(module):
         engine, _, _, scheduler = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                                        config=pipeline_deepspeed_config(cfg, bf16))
     engine.peerlab_grad_norm = float("nan")
@@ -360,17 +362,15 @@ def build_pipeline_engine(module: nn.Module, cfg, bf16: bool, dims: ParallelDims
         _sum_zero_norm_over_stages(engine)
     if cfg.parallel.zero_stage == 0:
         clip = cfg.optim.grad_clip if trainer_clips_gradients(cfg) else 0.0
-        original = engine._take_model_step
 
-        def take_model_step(lr_kwargs=None):
+        def norm_and_clip():
             norm = pipeline_grad_norm(engine, dims)
             engine.peerlab_grad_norm = norm
             if clip > 0:
                 params = [p for p in engine.module.parameters() if p.grad is not None]
                 torch.nn.utils.clip_grads_with_norm_(params, clip, torch.tensor(norm))
-            original(lr_kwargs)
 
-        engine._take_model_step = take_model_step
+        run_before_model_step(engine, norm_and_clip)
     return engine, scheduler
 
 
