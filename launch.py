@@ -27,7 +27,7 @@ from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from cluster.launchers import Job, LaunchRefused, SweepHooks, launcher_for
-from orchestrator import sweep
+from orchestrator import preflight, sweep
 from orchestrator.compat import sweep_points
 from orchestrator.config import TrainConfig, load_config, to_dict, validate
 from orchestrator.errors import USER_ERROR_EXIT_CODE, ConfigError, one_line_compose_error
@@ -40,22 +40,23 @@ def main(argv: list[str]) -> int:
     if any(a.split("=")[0] in INFO_FLAGS for a in argv):  # --cfg job, --help, ...: Hydra prints, nothing starts
         sys.argv[1:] = argv
         return hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")(lambda cfg: None)() or 0
-    jobs, sweep_dir, cfg = check(argv)
+    jobs, sweep_dir, configs = check(argv)
     try:
         launcher = launcher_for(jobs)
         if any(job.cluster["dry_run"] for job in jobs):
             return launcher.dry_run(jobs) or 0
+        for c in {(c.checkpoint.dir, c.data.source, c.tracking.uri): c for c in configs}.values():
+            preflight.check_stores(c)  # every remote store and service reachable, before anything starts
         launcher.preflight(jobs)
-        hooks = SweepHooks(**sweep.hooks(sweep_dir, cfg.tracking, cfg.run.root, cfg.isoflop is not None)) \
-            if sweep_dir else SweepHooks()
+        hooks = SweepHooks(**sweep.hooks(sweep_dir, configs[0])) if sweep_dir else SweepHooks()
         from orchestrator.train import train_main  # late: torch and DeepSpeed take seconds to import
 
         return launcher.launch(train_main, jobs, hooks)
-    except LaunchRefused as exc:
+    except (ConfigError, LaunchRefused) as exc:
         return refuse(exc)
 
 
-def check(argv: list[str]) -> tuple[list[Job], str | None, TrainConfig]:
+def check(argv: list[str]) -> tuple[list[Job], str | None, list[TrainConfig]]:
     """compose_runs, or its one-line refusal and SystemExit(2) (also for tests and tools)."""
     try:
         return compose_runs(argv)
@@ -68,10 +69,10 @@ def refuse(exc: Exception) -> int:
     return USER_ERROR_EXIT_CODE
 
 
-def compose_runs(argv: list[str]) -> tuple[list[Job], str | None, TrainConfig]:
+def compose_runs(argv: list[str]) -> tuple[list[Job], str | None, list[TrainConfig]]:
     """Every run the command line stands for, each composed once and validated: one, the points of a
     sweep (-m, in Hydra's job order), and what the point generators make of each. One bad point
-    refuses all. Returns (jobs, sweep dir or None, the first run's config)."""
+    refuses all. Returns (jobs, sweep dir or None, their configs)."""
     runs, sweep_dir, given = compose(argv)
     jobs, configs = [], []
     for num, (own, cfg) in enumerate(runs):
@@ -82,7 +83,7 @@ def compose_runs(argv: list[str]) -> tuple[list[Job], str | None, TrainConfig]:
         except ConfigError as exc:
             raise LaunchRefused((f"sweep point {num} ({' '.join(own)}): " if sweep_dir else "") + str(exc)) from None
         jobs.append(Job.of(to_dict(configs[-1]), num if sweep_dir else None, own))
-    return jobs, sweep_dir, configs[0]
+    return jobs, sweep_dir, configs
 
 
 def compose(argv: list[str]) -> tuple[list[tuple[list[str], object]], str | None, set[str]]:
@@ -105,8 +106,7 @@ def compose(argv: list[str]) -> tuple[list[tuple[list[str], object]], str | None
             try:
                 cfg = hydra.compose(config_name="config", overrides=point, return_hydra_config=True)
                 sweep_dir = sweep_dir or str(Path(cfg.hydra.sweep.dir).absolute())
-                with open_dict(cfg):
-                    del cfg["hydra"]
+                OmegaConf.set_struct(cfg, False), cfg.pop("hydra")  # compose's hydra node: only for its sweep dir
                 # A point generator (sweep.POINT_GENERATORS, e.g. an isoFLOP study) may make several runs of it.
                 generated = sweep.generate(OmegaConf.to_container(cfg, resolve=True), " ".join(point),
                                            validate_base=lambda: to_train_config(cfg))

@@ -96,11 +96,12 @@ def summary(sweep_dir: str, finished: bool, isoflop: bool) -> str:
     return text
 
 
-def hooks(sweep_dir: str, tracking, run_root: str, isoflop: bool) -> dict[str, Any]:
+def hooks(sweep_dir: str, cfg) -> dict[str, Any]:
     """What a sweep does around its points, for the launcher (cluster.launchers.SweepHooks): the
-    tracking store made once before any point starts, each point's sweep.json written when it
-    starts (with its Slurm job id), and the summary at the end."""
+    tracking store made once before any point starts (from the first point's config `cfg`), each
+    point's sweep.json written when it starts (with its Slurm job id), and the summary at the end."""
     sweep_id = os.path.basename(os.path.normpath(sweep_dir))
+    tracking, run_root, isoflop = cfg.tracking, cfg.run.root, cfg.isoflop is not None
 
     def before_start() -> None:
         if tracking.enabled:
