@@ -136,6 +136,7 @@ class SlurmLauncher:
 
         for group in _by_request(jobs):
             job = group[0]
+            _check_gpus_in_partition(job.cluster)
             try:
                 preflight(job.cluster, job.name, _slurm_folder(job.run_dir), job_setup())
             except SlurmError as exc:
@@ -194,6 +195,28 @@ class SlurmLauncher:
             worst = worst or status
         hooks.summary(True)
         return worst
+
+
+def _check_gpus_in_partition(cluster: dict[str, Any]) -> None:
+    """A GPU request on a partition whose nodes have no GPU GRES (as `sinfo` reports it) is refused
+    here, in words, before sbatch would refuse it with a generic "invalid generic resource"."""
+    import shutil
+    import subprocess
+
+    if not cluster.get("gpus_per_node") or shutil.which("sinfo") is None:
+        return
+    partition = cluster.get("partition")
+    command = ["sinfo", "-h", "-o", "%P|%G"] + (["-p", partition] if partition else [])
+    rows = [line.split("|", 1) for line in subprocess.run(command, capture_output=True, text=True, timeout=30)
+            .stdout.splitlines() if "|" in line]
+    if partition is None:  # the default partition is the one sinfo marks with '*'
+        rows = [r for r in rows if r[0].endswith("*")] or rows
+    gres = sorted({r[1].strip() for r in rows})
+    if rows and not any("gpu" in g for g in gres):
+        name = partition or rows[0][0].rstrip("*")
+        raise LaunchRefused(f"cluster.gpus_per_node={cluster['gpus_per_node']}: partition {name!r} has no GPUs "
+                            f"(its nodes' GRES: {', '.join(gres)}); fix: pick a partition with gpu GRES "
+                            "(sinfo -o '%P %G') or set cluster.gpus_per_node=0")
 
 
 def _by_request(jobs: list[Job]) -> list[list[Job]]:

@@ -1,6 +1,7 @@
 """Before training starts: can this machine reach every store and service the run names?
 
     check_stores(cfg)      # raises ConfigError: one line naming the key, exit 2
+    check_on_node(cfg)     # inside a Slurm job: this node has what the job asked for, and the stores
 
 checkpoint.dir, data.source (and data.tokenizer) and tracking.uri are each opened the way the run
 will open them (fsspec for stores, MLflow's URI schemes for tracking). The causes a user meets are
@@ -114,3 +115,24 @@ def _check_tracking(uri: str) -> None:
             raise ConfigError(key, shown, f"tracking server unreachable ({parsed.hostname}:{port}: "
                               f"{exc.strerror or type(exc).__name__})",
                               "start the MLflow server, fix the URI, or set tracking.enabled=false") from None
+
+
+def check_on_node(cfg: TrainConfig) -> None:
+    """Inside a Slurm job, before training: what launch.py judged from the request on the login
+    node, checked on the node the job landed on (its GPUs for trainer.device=cuda or bf16), and
+    the stores again (this node's network and credentials). A no-op outside Slurm jobs."""
+    if cfg.cluster.kind != "slurm" or "SLURM_JOB_ID" not in os.environ:
+        return
+    import torch
+
+    where = f"node {socket.gethostname()} of Slurm job {os.environ['SLURM_JOB_ID']}"
+    visible = torch.cuda.device_count()
+    wants_gpu = cfg.trainer.device == "cuda" or cfg.trainer.precision == "bf16"
+    if wants_gpu and visible == 0:
+        key, value = ("trainer.device", cfg.trainer.device) if cfg.trainer.device == "cuda" else \
+            ("trainer.precision", cfg.trainer.precision)
+        raise ConfigError(key, value, f"no CUDA device is visible on {where} (cluster.gpus_per_node="
+                          f"{cfg.cluster.gpus_per_node}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r})",
+                          "pick a partition whose nodes have GPUs (cluster.partition; sinfo -o '%P %G') "
+                          "or set trainer.device=auto and trainer.precision=auto")
+    check_stores(cfg)

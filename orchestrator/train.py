@@ -21,6 +21,7 @@ import torch.distributed as dist
 from orchestrator.checkpoint import CheckpointManager, test_kill_point
 from orchestrator.config import TrainConfig, flatten, load_config, to_dict
 from orchestrator.errors import REQUEUE_EXIT_CODE, USER_ERROR_EXIT_CODE, ConfigError
+from orchestrator.preflight import check_on_node
 from orchestrator.storage import redact
 from orchestrator.tracking import Reporter, Stopwatch
 
@@ -29,6 +30,7 @@ def train_main(cfg_dict: dict) -> None:
     """Entry point of a rank. A user error found here exits with code 2 and one line."""
     try:
         cfg = load_config(cfg_dict)
+        check_on_node(cfg)  # Slurm: this node has what the job asked for (orchestrator/preflight.py)
         stopped = Trainer(cfg).run()
     except ConfigError as exc:
         if int(os.environ.get("RANK", "0")) == 0:  # every rank refuses alike; one line is enough
