@@ -113,7 +113,7 @@ def run_here(entry: Callable[..., Any], job: Job) -> int:
     try:
         run_local(entry, job.args, cluster["nproc_per_node"], run_id=job.name,
                   log_dir=os.path.join(job.run_dir, "logs"),
-                  shutdown_timeout_s=cluster.get("shutdown_grace_s", 30))
+                  shutdown_timeout_s=cluster["shutdown_grace_s"])
     except LaunchError as exc:
         if exc.exit_code == USER_ERROR_EXIT_CODE:
             pass  # the worker already printed its one-line error

@@ -185,3 +185,21 @@ def sweep_points(parsed_overrides) -> list[list[str]]:
 
     batches = BasicSweeper.split_arguments(parsed_overrides, None)
     return [list(point) for batch in batches for point in batch]
+
+# ============================================================================= torch 2.13
+
+
+def set_default_collective_timeout(seconds: float) -> None:
+    """Make every process group created from now on time out after `seconds` when a peer never
+    joins a collective (a rank that died or hangs). init_process_group takes a timeout, but
+    dist.new_group without one (DeepSpeed's data-, expert- and model-parallel groups) falls back
+    to the module defaults of torch.distributed.distributed_c10d (30 min for gloo, 10 for NCCL),
+    which `_get_default_timeout` reads: set those."""
+    import datetime
+
+    import torch.distributed.distributed_c10d as c10d
+
+    timeout = datetime.timedelta(seconds=seconds)
+    c10d.default_pg_timeout = timeout
+    if isinstance(getattr(c10d, "default_pg_nccl_timeout", None), datetime.timedelta):
+        c10d.default_pg_nccl_timeout = timeout

@@ -6,6 +6,7 @@ as a plain dict). Metrics go through the rank-0 Reporter; checkpoints through or
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -21,6 +22,8 @@ import torch.distributed as dist
 from orchestrator.checkpoint import CheckpointManager, test_kill_point
 from orchestrator.config import TrainConfig, flatten, load_config, to_dict
 from orchestrator.errors import REQUEUE_EXIT_CODE, USER_ERROR_EXIT_CODE, ConfigError
+from orchestrator import faults
+from orchestrator.compat import set_default_collective_timeout
 from orchestrator.preflight import check_on_node
 from orchestrator.storage import redact
 from orchestrator.tracking import Reporter, Stopwatch
@@ -36,6 +39,11 @@ def train_main(cfg_dict: dict) -> None:
         if int(os.environ.get("RANK", "0")) == 0:  # every rank refuses alike; one line is enough
             print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(USER_ERROR_EXIT_CODE)
+    except Exception as exc:  # a rank that died or hangs: one line naming it (orchestrator/faults.py)
+        if not faults.is_collective_timeout(exc):
+            raise
+        print(f"error: {faults.timeout_message(faults.CURRENT, cfg.cluster.collective_timeout_s)}", file=sys.stderr, flush=True)
+        os._exit(1)  # not sys.exit: gloo's teardown would wait on the dead peer again
     if stopped:
         sys.exit(REQUEUE_EXIT_CODE)
 
@@ -71,7 +79,9 @@ class Trainer:
             torch.cuda.set_device(self.device)
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="nccl" if self.use_cuda else "gloo", auto_mpi_discovery=False)
+        set_default_collective_timeout(self.cfg.cluster.collective_timeout_s)  # DeepSpeed's groups too (compat)
+        deepspeed.init_distributed(dist_backend="nccl" if self.use_cuda else "gloo", auto_mpi_discovery=False,
+                                   timeout=datetime.timedelta(seconds=self.cfg.cluster.collective_timeout_s))
         # Data comes by data-parallel rank: the tp ranks and pp stages of one replica read the same
         # batches (the first and last stage of a pipeline both need them: inputs and targets).
         from orchestrator.parallel.dims import ParallelDims
@@ -271,6 +281,7 @@ class Trainer:
         t = c.trainer
         window_losses: list[float] = []
         watch, window_steps = Stopwatch(), 0
+        self.heartbeat = faults.CURRENT = faults.Heartbeat(c.run.dir, self.rank, self.world_size)
         self.engine.train()
         while self.state.step < t.max_steps:
             lr = self.scheduler.get_last_lr()[0]
@@ -306,6 +317,7 @@ class Trainer:
             if (every and step % every == 0) or final or stop:
                 self._save(step)
                 watch.lap()
+            self.heartbeat.beat(step)
             test_kill_point(f"step{step}")
             if stop:
                 r.print(f"stopped by a signal after step {step}; checkpoint saved; exiting with code "

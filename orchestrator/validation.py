@@ -384,6 +384,8 @@ def _validate_cluster(c: ClusterConfig) -> None:
     _positive("cluster.nproc_per_node", c.nproc_per_node)
     _positive("cluster.nodes", c.nodes)
     _positive("cluster.gpus_per_node", c.gpus_per_node, 0)
+    _positive("cluster.shutdown_grace_s", c.shutdown_grace_s, 1)
+    _positive("cluster.collective_timeout_s", c.collective_timeout_s, 1)
     if c.kind == "local" and c.nodes != 1:
         raise ConfigError("cluster.nodes", c.nodes, "a local run uses this one machine",
                           "set cluster.nodes=1, or cluster=slurm to run on several nodes")

@@ -182,3 +182,18 @@ def test_torch_dispatch_mode_probe_used_by_model_kernels():
 
     with Mode():
         assert _get_current_dispatch_mode() is not None
+
+
+def test_default_collective_timeout_reaches_new_groups():
+    import datetime
+
+    import torch.distributed.distributed_c10d as c10d
+
+    saved = c10d.default_pg_timeout
+    try:
+        compat.set_default_collective_timeout(17)
+        # What dist.new_group(timeout=None) uses (DeepSpeed's groups are made that way).
+        assert c10d._get_default_timeout(c10d.Backend.GLOO) == datetime.timedelta(seconds=17)
+        assert "timeout = _get_default_timeout(backend)" in __import__("inspect").getsource(c10d._new_group_with_tag)
+    finally:
+        c10d.default_pg_timeout = saved
