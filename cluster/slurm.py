@@ -94,13 +94,13 @@ def sbatch_parameters(cluster: Mapping[str, Any], job_name: str, setup: Sequence
 def sbatch_script(cluster: Mapping[str, Any], job_name: str, folder: str | Path,
                   setup: Sequence[str] = (), array_size: Optional[int] = None) -> str:
     """The batch script submitit would submit (for dry runs and the pre-submission test)."""
-    from submitit.slurm.slurm import _make_sbatch_string
+    from orchestrator.compat import SUBMITIT_ENTRY_MODULE, make_sbatch_string
 
-    command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])
+    command = " ".join([shlex.quote(sys.executable), "-u -m", SUBMITIT_ENTRY_MODULE, shlex.quote(str(folder))])
     params = sbatch_parameters(cluster, job_name, setup)
     if array_size and array_size > 1:
         params["map_count"] = array_size
-    return _make_sbatch_string(command=command, folder=folder, **params)
+    return make_sbatch_string(command=command, folder=folder, **params)
 
 
 def preflight(cluster: Mapping[str, Any], job_name: str, folder: str | Path, setup: Sequence[str] = ()) -> None:
@@ -282,9 +282,9 @@ def slurm_dist_env(environ: Optional[Mapping[str, str]] = None) -> dict[str, str
     if nodes == 1:
         master = "127.0.0.1"  # every rank is on this node; no name resolution needed
     else:
-        from submitit.slurm.slurm import _parse_node_list
+        from orchestrator.compat import slurm_node_list
 
-        master = _parse_node_list(env["SLURM_JOB_NODELIST"])[0]
+        master = slurm_node_list(env["SLURM_JOB_NODELIST"])[0]
     return {
         "RANK": str(rank),
         "LOCAL_RANK": str(local_rank),

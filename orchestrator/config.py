@@ -114,6 +114,8 @@ class ClusterConfig:
     setup: list = doc("shell lines the Slurm batch script runs before starting the processes, e.g. ['module load cuda']")
     wait: bool = doc("Slurm: stream rank 0's log until the job ends and exit with its status; false returns once submitted")
     dry_run: bool = doc("print what would run (for Slurm the sbatch script) and the resolved config; submit and start nothing")
+    shutdown_grace_s: int = doc("local launcher: seconds the workers get to save and exit after a stop signal is forwarded, before they are killed")
+    collective_timeout_s: int = doc("seconds a collective waits for a rank that died or hangs before the job fails naming it (process group timeout)")
 
 
 @dataclass

@@ -18,9 +18,9 @@ warmup is `isoflop.warmup_fraction` of its own steps and its cosine decay runs t
 
 A point is a set of overrides of plain keys (model.ffn=peer, model.d_model=128, ...,
 trainer.max_steps, optim.warmup_steps, optim.decay_steps), a function of the composed config:
-launch.py plans in its pre-check (and refuses the whole study if any point is bad), runs the
-points as one Hydra sweep over `isoflop.point`, and each point re-plans from its config and
-applies its own overrides. So a point is reproducible alone: `... isoflop.point=3`.
+`generate_points` is the point generator launch.py asks of every composed config: a study becomes
+one sweep over its points (each with isoflop.point set, so a point is reproducible alone:
+`... isoflop.point=3`), and the whole study is refused if any point is bad.
 
 Report. Each point's config.json and metrics.jsonl give the table: method, rung, parameters,
 active parameters per token, tokens, FLOPs spent, final validation loss and perplexity, and for
@@ -165,6 +165,26 @@ def point_config(raw: dict) -> tuple[dict, Optional[Point]]:
                           f"set isoflop.point in 0..{len(points) - 1}, or drop it to run them all")
     point = points[num]
     return apply_overrides(raw, point.overrides), point
+
+
+def generate_points(raw: dict, label: str = "") -> Optional[tuple[list[tuple[dict[str, Any], list[str]]], bool]]:
+    """Point generator for launch.py: what the composed, resolved config `raw` stands for.
+
+    None for an ordinary run (no isoflop settings). Otherwise ([(values, overrides)], is_sweep):
+    per run the dotted keys to set on the config and the same as `key=value` strings (for the
+    sweep's labels and tags). A study without isoflop.point is a sweep over its planned points (the
+    plan is printed); with isoflop.point it is that one point, an ordinary run."""
+    settings = raw.get("isoflop")
+    if not settings:
+        return None
+    if settings.get("point") is not None:
+        _, point = point_config(raw)
+        return [(dict(point.overrides), point.override_strings())], False
+    planned = plan(raw)
+    print(f"isoFLOP plan: {len(planned)} points at {settings['budget']:.4g} training FLOPs each"
+          + (f" ({label})" if label else "") + "\n" + format_plan(planned), flush=True)
+    return [({**p.overrides, "isoflop.point": p.index}, [f"isoflop.point={p.index}", *p.override_strings()])
+            for p in planned], True
 
 
 def format_plan(points: list[Point]) -> str:

@@ -1,4 +1,5 @@
-"""Sweeps: the MLflow store made once before the points start, and the summary table.
+"""Sweeps: each point's run directory and tags, the MLflow store made once before the points
+start, and the summary table.
 
     python -m orchestrator.sweep runs/sweeps/2026-11-22_10-00-00     # table of a sweep's points
 
@@ -44,6 +45,75 @@ def write_point(run_dir: str, sweep_id: str, num: int, overrides: list[str], job
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(record, f, indent=2)
     os.replace(path + ".tmp", path)
+
+
+# Point generators: a config with this key set stands for the runs that the function makes of it
+# (`module:function`, called with the resolved config dict and a label for what it prints).
+POINT_GENERATORS = {"isoflop": "orchestrator.isoflop:generate_points"}
+
+
+def generate(raw: dict, label: str, validate_base) -> Optional[tuple[list[tuple[dict[str, Any], list[str]]], bool]]:
+    """([(values to set, the same as override strings)], is_sweep) from the point generator whose
+    key the config sets; None for an ordinary run. `validate_base()` runs first, so that the base
+    config's own errors name its own keys."""
+    import importlib
+
+    for key, spec in POINT_GENERATORS.items():
+        if raw.get(key) is not None:
+            validate_base()
+            module, _, name = spec.partition(":")
+            return getattr(importlib.import_module(module), name)(raw, label)
+    return None
+
+
+def point_values(sweep_dir: str, num: int, given_keys: set[str], tags: list[str], overrides: list[str]) -> dict[str, Any]:
+    """The config values a sweep gives its point `num` (set before the point is validated): its own
+    run.dir (<sweep dir>/<num>) and run.name (<sweep id>_<num>) unless the sweep sets them, and its
+    MLflow tags: sweep.id, sweep.num and the point's overrides."""
+    sweep_id = os.path.basename(os.path.normpath(sweep_dir))
+    values: dict[str, Any] = {"tracking.tags": [*tags, f"sweep.id={sweep_id}", f"sweep.num={num}",
+                                                "sweep.overrides=" + " ".join(overrides)]}
+    if "run.dir" not in given_keys:
+        values["run.dir"] = os.path.join(sweep_dir, str(num))
+    if "run.name" not in given_keys:
+        values["run.name"] = f"{sweep_id}_{num}"
+    return values
+
+
+def summary(sweep_dir: str, finished: bool, isoflop: bool) -> str:
+    """What a sweep prints at its end: the table of its points (and an isoFLOP study's report), or
+    where to find them once its Slurm jobs are done."""
+    if not finished:
+        lines = [f"table of final losses once the jobs are done: python -m orchestrator.sweep {sweep_dir}"]
+        if isoflop:
+            lines.append(f"isoFLOP report once the jobs are done: python -m orchestrator.isoflop report {sweep_dir}")
+        return "\n".join(lines)
+    text = table(sweep_dir)
+    if isoflop:
+        from orchestrator.isoflop import report
+
+        text += "\n" + report(sweep_dir)
+    return text
+
+
+def hooks(sweep_dir: str, cfg) -> dict[str, Any]:
+    """What a sweep does around its points, for the launcher (cluster.launchers.SweepHooks): the
+    tracking store made once before any point starts (from the first point's config `cfg`), each
+    point's sweep.json written when it starts (with its Slurm job id), and the summary at the end."""
+    sweep_id = os.path.basename(os.path.normpath(sweep_dir))
+    tracking, run_root, isoflop = cfg.tracking, cfg.run.root, cfg.isoflop is not None
+
+    def before_start() -> None:
+        if tracking.enabled:
+            prepare_tracking_store(tracking.uri, tracking.experiment, run_root)
+
+    def on_started(job, job_id: Optional[str]) -> None:
+        write_point(job.run_dir, sweep_id, job.num, job.overrides, job_id=job_id)
+
+    def print_summary(finished: bool) -> None:
+        print(summary(sweep_dir, finished, isoflop), flush=True)
+
+    return {"sweep_dir": sweep_dir, "before_start": before_start, "on_started": on_started, "summary": print_summary}
 
 
 def points(sweep_dir: str) -> list[dict[str, Any]]:

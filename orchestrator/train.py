@@ -9,6 +9,7 @@ orchestrator/checkpoint.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import signal
@@ -23,6 +24,9 @@ import torch.distributed as dist
 from orchestrator.checkpoint import CheckpointManager, abandon_checkpoints_after, test_kill_point
 from orchestrator.config import TrainConfig, flatten, load_config, to_dict
 from orchestrator.errors import REQUEUE_EXIT_CODE, USER_ERROR_EXIT_CODE, ConfigError
+from orchestrator import faults
+from orchestrator.compat import set_default_collective_timeout
+from orchestrator.preflight import check_on_node
 from orchestrator.storage import redact
 from orchestrator.tracking import Reporter, Stopwatch
 
@@ -31,11 +35,17 @@ def train_main(cfg_dict: dict) -> None:
     """Entry point of a rank. A user error found here exits with code 2 and one line."""
     try:
         cfg = load_config(cfg_dict)
+        check_on_node(cfg)  # Slurm: this node has what the job asked for (orchestrator/preflight.py)
         stopped = Trainer(cfg).run()
     except ConfigError as exc:
         if int(os.environ.get("RANK", "0")) == 0:  # every rank refuses alike; one line is enough
             print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(USER_ERROR_EXIT_CODE)
+    except Exception as exc:  # a rank that died or hangs: one line naming it (orchestrator/faults.py)
+        if not faults.is_collective_timeout(exc):
+            raise
+        print(f"error: {faults.timeout_message(faults.CURRENT, cfg.cluster.collective_timeout_s)}", file=sys.stderr, flush=True)
+        os._exit(1)  # not sys.exit: gloo's teardown would wait on the dead peer again
     if stopped:
         sys.exit(REQUEUE_EXIT_CODE)
 
@@ -112,7 +122,9 @@ class Trainer:
 
         from orchestrator.parallel.dims import ParallelDims
 
-        deepspeed.init_distributed(dist_backend="nccl" if self.use_cuda else "gloo", auto_mpi_discovery=False)
+        set_default_collective_timeout(self.cfg.cluster.collective_timeout_s)  # DeepSpeed's groups too (compat)
+        deepspeed.init_distributed(dist_backend="nccl" if self.use_cuda else "gloo", auto_mpi_discovery=False,
+                                   timeout=datetime.timedelta(seconds=self.cfg.cluster.collective_timeout_s))
         self.dims = ParallelDims.from_config(self.cfg.parallel)
         # Data comes by data-parallel rank: the tp ranks and pp stages of one replica read the same
         # batches (the first and last stage of a pipeline both need them: inputs and targets).
@@ -202,6 +214,7 @@ class Trainer:
         """The train loop; returns True when a stop signal ended it (after a checkpoint)."""
         c, r, t = self.cfg, self.reporter, self.cfg.trainer
         window, watch = [], Stopwatch()  # the StepResults since the last log line
+        self.heartbeat = faults.CURRENT = faults.Heartbeat(c.run.dir, self.rank, self.world_size)
         while self.state.step < t.max_steps:
             lr = self.engine.lr
             step = self.state.step + 1
@@ -225,6 +238,7 @@ class Trainer:
             if (every and step % every == 0) or final or result.stop:
                 self._save(step)
                 watch.lap()
+            self.heartbeat.beat(step)
             test_kill_point(f"step{step}")
             if result.stop:
                 r.print(f"stopped by a signal after step {step}; checkpoint saved; exiting with code "

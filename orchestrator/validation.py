@@ -26,7 +26,10 @@ def validate(cfg: TrainConfig, *, cuda_device_count: int = 0) -> None:
     _validate_model(cfg)
     _validate_data(cfg)
     _validate_optim(cfg.optim)
-    _validate_trainer(cfg.trainer, cuda_device_count)
+    # Slurm: the job's nodes, not this (login) machine, run the training: judge what the job asks for;
+    # the job checks its node again when it starts (orchestrator/preflight.py check_on_node).
+    slurm = cfg.cluster.kind == "slurm"
+    _validate_trainer(cfg.trainer, cfg.cluster.gpus_per_node if slurm else cuda_device_count, slurm)
     _validate_cluster(cfg.cluster)  # before the parallel degrees, which are checked against it
     _validate_parallel(cfg)
     _validate_io(cfg)
@@ -196,7 +199,7 @@ def _validate_optim(o: OptimConfig) -> None:
     _positive("optim.grad_clip", o.grad_clip, 0.0)
 
 
-def _validate_trainer(t: TrainerConfig, cuda_device_count: int) -> None:
+def _validate_trainer(t: TrainerConfig, cuda_device_count: int, slurm_request: bool = False) -> None:
     _positive("trainer.max_steps", t.max_steps)
     _positive("trainer.micro_batch_size", t.micro_batch_size)
     _positive("trainer.grad_accum_steps", t.grad_accum_steps)
@@ -206,10 +209,16 @@ def _validate_trainer(t: TrainerConfig, cuda_device_count: int) -> None:
     _one_of("trainer.device", t.device, ("auto", "cpu", "cuda"))
     _one_of("trainer.precision", t.precision, ("auto", "fp32", "bf16"))
     if t.device == "cuda" and cuda_device_count == 0:
+        if slurm_request:
+            raise ConfigError("trainer.device", t.device, "the Slurm job asks for no GPU (cluster.gpus_per_node=0)",
+                              "set cluster.gpus_per_node=<GPUs per node>, or trainer.device=auto or cpu")
         raise ConfigError("trainer.device", t.device, "no CUDA device is visible on this machine",
                           "set trainer.device=auto or cpu")
     on_gpu = t.device == "cuda" or (t.device == "auto" and cuda_device_count > 0)
     if t.precision == "bf16" and not on_gpu:
+        if slurm_request:
+            raise ConfigError("trainer.precision", t.precision, "bf16 needs GPUs and the Slurm job asks for none "
+                              "(cluster.gpus_per_node=0)", "set cluster.gpus_per_node=<GPUs per node>, or trainer.precision=fp32")
         raise ConfigError("trainer.precision", t.precision, "bf16 training is supported on GPUs only here",
                           "set trainer.precision=auto or fp32 on CPU")
 
@@ -382,6 +391,8 @@ def _validate_cluster(c: ClusterConfig) -> None:
     _positive("cluster.nproc_per_node", c.nproc_per_node)
     _positive("cluster.nodes", c.nodes)
     _positive("cluster.gpus_per_node", c.gpus_per_node, 0)
+    _positive("cluster.shutdown_grace_s", c.shutdown_grace_s, 1)
+    _positive("cluster.collective_timeout_s", c.collective_timeout_s, 1)
     if c.kind == "local" and c.nodes != 1:
         raise ConfigError("cluster.nodes", c.nodes, "a local run uses this one machine",
                           "set cluster.nodes=1, or cluster=slurm to run on several nodes")

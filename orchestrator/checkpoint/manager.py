@@ -34,7 +34,6 @@ import signal
 import sys
 import tempfile
 import time
-import types
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -163,12 +162,9 @@ def safe_load(path: str, map_location=None) -> Any:
 def _install_safe_loader(engine) -> None:
     """DeepSpeed's TorchCheckpointEngine loads with weights_only=False; route its loads (model,
     optimizer, ZeRO partitions, MoE experts) through the weights-only unpickler instead."""
-    ckpt_engine = engine.checkpoint_engine
+    from orchestrator.compat import route_checkpoint_loads
 
-    def load(self, path: str, map_location=None):
-        return safe_load(path, map_location=map_location)
-
-    ckpt_engine.load = types.MethodType(load, ckpt_engine)
+    route_checkpoint_loads(engine, safe_load)
 
 
 # ----------------------------------------------------------------------------- helpers

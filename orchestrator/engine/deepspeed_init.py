@@ -6,13 +6,13 @@ compiles a C++ op on first use (about a minute on CPU, STACK.md), and torch's is
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
+from orchestrator.compat import expert_params_count_as_moe
 from orchestrator.config import OptimConfig, TrainConfig
 
 
@@ -144,33 +144,8 @@ def build_engine(model: nn.Module, cfg: TrainConfig, bf16: bool, mpu=None):
     optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                   weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o, cfg.trainer.max_steps))
-    with _expert_params_count_as_moe(model):
+    with expert_params_count_as_moe(model):
         engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                        config=deepspeed_config(cfg, bf16), mpu=mpu)
     return engine, scheduler
 
-
-@contextlib.contextmanager
-def _expert_params_count_as_moe(model: nn.Module):
-    """DeepSpeed turns on its expert-parameter handling (gradient all-reduce over the
-    expert-data-parallel group, ZeRO partitions over it) only when it finds its own MoE class in
-    the model (`engine.has_moe_layers`, set in `_configure_distributed_model`, before the
-    optimizer is built). Expert-parallel PEER layers carry the same parameter marks but are not
-    that class; for the duration of deepspeed.initialize, set the flag for them too."""
-    from deepspeed.moe.utils import is_moe_param
-    from deepspeed.runtime.engine import DeepSpeedEngine
-
-    if not any(is_moe_param(p) for p in model.parameters()):
-        yield
-        return
-    original = DeepSpeedEngine._configure_distributed_model
-
-    def configure(self, module):
-        original(self, module)
-        self.has_moe_layers = True
-
-    DeepSpeedEngine._configure_distributed_model = configure
-    try:
-        yield
-    finally:
-        DeepSpeedEngine._configure_distributed_model = original

@@ -9,7 +9,7 @@ The loss DeepSpeed returns is the last stage's, averaged over micro-batches and 
 ranks and broadcast to every stage: no further reduction.
 
 Without ZeRO the norm and clipping run inside DeepSpeed's schedule, right before its optimizer
-step (`_before_optimizer_step`), through the same `global_grad_norm` as the plain engine, with the
+step (`compat.run_before_model_step`), through the same `global_grad_norm` as the plain engine, with the
 pipe group added; the value goes to this engine object, never onto DeepSpeed's.
 """
 
@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from orchestrator.compat import run_before_model_step
 from orchestrator.engine.base import Evaluation, StepResult, TrainEngine, expert_usage_stats
 from orchestrator.parallel.dims import ParallelDims
 
@@ -50,7 +51,8 @@ def build_pipeline_deepspeed(module: nn.Module, cfg, bf16: bool):
     import deepspeed
     from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
 
-    from orchestrator.engine.deepspeed_init import _expert_params_count_as_moe, lr_lambda, param_groups
+    from orchestrator.compat import expert_params_count_as_moe
+    from orchestrator.engine.deepspeed_init import lr_lambda, param_groups
 
     o = cfg.optim
     groups = param_groups(module, o.weight_decay)
@@ -58,7 +60,7 @@ def build_pipeline_deepspeed(module: nn.Module, cfg, bf16: bool):
         groups = split_params_into_different_moe_groups_for_optimizer(groups)
     optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o, cfg.trainer.max_steps))
-    with _expert_params_count_as_moe(module):
+    with expert_params_count_as_moe(module):
         engine, _, _, scheduler = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                                        config=pipeline_deepspeed_config(cfg, bf16))
     if cfg.parallel.zero_stage == 1:
@@ -72,7 +74,7 @@ class PipelineTrainEngine(TrainEngine):
         self._need_grad_norm = True
         self._grad_norm = None
         if cfg.parallel.zero_stage == 0:
-            _before_optimizer_step(ds_engine, self._norm_before_step)
+            run_before_model_step(ds_engine, self._norm_before_step)
 
     def _norm_before_step(self) -> None:
         self._grad_norm = self._norm_and_clip(self._need_grad_norm)
@@ -145,19 +147,6 @@ class PipelineTrainEngine(TrainEngine):
         # here, on every rank, before the per-rank state.
         self.module.synchronize_tied_weights()
         super()._load_extra_rank_state(state)
-
-
-def _before_optimizer_step(engine, hook) -> None:
-    """Run hook() inside DeepSpeed's pipeline schedule after the gradients are averaged and right
-    before the optimizer step. The schedule's OptimizerStep instruction calls the engine's
-    `_take_model_step` (private: DeepSpeed has no public hook there)."""
-    original = engine._take_model_step
-
-    def take_model_step(lr_kwargs=None):
-        hook()
-        original(lr_kwargs)
-
-    engine._take_model_step = take_model_step
 
 
 def _sum_zero_norm_over_stages(engine) -> None:

@@ -101,15 +101,9 @@ class ParallelDims:
     def expert_groups(self):
         """(ep_group, edp_group) of this rank, created through DeepSpeed on first use (collective:
         every rank must call it). Needs torch.distributed initialised."""
-        from deepspeed.utils import groups
+        from orchestrator.compat import expert_groups
 
-        if self.expert_group_name not in groups._get_expert_parallel_group_dict():
-            if self.tp == 1 and self.pp == 1:
-                groups._create_expert_and_data_parallel(self.ep)
-            else:
-                groups._create_expert_data_and_model_parallel(self.ep, mpu=self.grid())
-        return (groups._get_expert_parallel_group(self.expert_group_name),
-                groups._get_expert_data_parallel_group(self.expert_group_name))
+        return expert_groups(self.ep, self.expert_group_name, mpu=None if self.tp == 1 and self.pp == 1 else self.grid())
 
 
 _GRID = None

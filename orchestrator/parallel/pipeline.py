@@ -47,6 +47,7 @@ from model.lm import Block, RMSNorm, TransformerLM
 from model.moe import MoEFeedForward
 from model.peer import PEER
 from model.pkm import PKM
+from orchestrator.compat import synchronize_tied_weights
 from orchestrator.parallel.dims import ParallelDims
 from orchestrator.parallel.shards import declare_child_names
 
@@ -211,13 +212,13 @@ def _make_module_class():
                 return self
             return super().to(*args, **kwargs)
 
-        def _synchronize_tied_weights(self):
+        def _synchronize_tied_weights(self):  # overrides DeepSpeed's private method (tests/unit/test_compat.py)
             if getattr(self, "_loading", False):
                 return
             # DeepSpeed broadcasts the tied table from the first stage in place; outside no_grad
             # autograd records that on the parameter (and warns at every backward).
             with torch.no_grad():
-                super()._synchronize_tied_weights()
+                synchronize_tied_weights(super())
 
         def load_state_dir(self, load_dir, checkpoint_engine, strict=True):
             # DeepSpeed loads a stage with MoE layers from its model-states file, any other stage
@@ -233,7 +234,7 @@ def _make_module_class():
         def synchronize_tied_weights(self) -> None:
             """Copy the first stage's tied embedding to the last stage's copy (collective: every
             rank calls it). The last stage does not save its copy when it has no MoE layer."""
-            self._synchronize_tied_weights()
+            synchronize_tied_weights(self)
 
         def _partition_layers(self, method="blocks"):
             self.parts = layer_parts(self._num_blocks, self.num_stages)

@@ -57,6 +57,7 @@ from model.lm import CausalSelfAttention, apply_rotary
 from model.mlp import DenseMLP
 from model.moe import MoEFeedForward
 from model.peer import PEER
+from orchestrator.compat import use_gloo_safe_token_gather
 from orchestrator.parallel.expert_parallel import DimShardedPEER, mark_expert_param
 from orchestrator.parallel.shards import Piece, declare_tensor, slice_along
 
@@ -305,7 +306,7 @@ def _tensor_parallel_experts(moe: MoEFeedForward, tp_group) -> None:
     the tokens are) and all-gathers them back before the experts, so every tp rank runs the
     experts on the same tokens: with tp-sharded experts (f/g inside) that is exact and each rank
     does 1/tp of the expert FLOPs and holds 1/tp of the expert weights."""
-    _use_gloo_safe_token_gather()
+    use_gloo_safe_token_gather()
     experts = moe.moe.deepspeed_moe.experts.deepspeed_experts
     for i, expert in enumerate(list(experts)):
         group_name = getattr(expert.up.weight, "group_name", None)
@@ -314,29 +315,3 @@ def _tensor_parallel_experts(moe: MoEFeedForward, tp_group) -> None:
             mark_expert_param(p, group_name)
         experts[i] = sharded
 
-
-def _use_gloo_safe_token_gather() -> None:
-    """DeepSpeed 0.19's MoE all-gathers the tp ranks' capacity slots (deepspeed.moe.mappings.
-    _gather_tokens) into a flat 1-D buffer with all_gather_into_tensor, which gloo refuses
-    ("invalid tensor size": it wants the output shaped [world * n, ...]). Replace it by the same
-    gather as a list all_gather and a concatenation (same values, same layout), so MoE under tp
-    runs on CPU too. _GatherTokens and _DropTokens look the function up by module name."""
-    import deepspeed.moe.mappings as mappings
-
-    if getattr(mappings._gather_tokens, "_peer_lab", False):
-        return
-
-    def _gather_tokens(input_, dim=0):
-        from deepspeed.utils.bwc import bwc_tensor_model_parallel_group, bwc_tensor_model_parallel_world_size
-
-        mpu = mappings.deepspeed.utils.groups.mpu
-        input_ = input_.contiguous()
-        world_size = bwc_tensor_model_parallel_world_size(mpu)
-        if world_size == 1:
-            return input_
-        parts = [torch.empty_like(input_) for _ in range(world_size)]
-        dist.all_gather(parts, input_, group=bwc_tensor_model_parallel_group(mpu))
-        return torch.cat(parts, dim=dim).contiguous()
-
-    _gather_tokens._peer_lab = True
-    mappings._gather_tokens = _gather_tokens

@@ -110,7 +110,7 @@ BAD_OVERRIDES = [
 @pytest.mark.parametrize("overrides,key,fix", BAD_OVERRIDES, ids=[" ".join(o) for o, _, _ in BAD_OVERRIDES])
 def test_bad_override_is_one_line_exit_2(overrides, key, fix, capsys):
     with pytest.raises(SystemExit) as exited:
-        launch._precheck(overrides)
+        launch.check(overrides)
     assert exited.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
@@ -144,7 +144,9 @@ def test_every_key_has_a_doc():
 
 
 def test_load_config_refuses_unknown_and_missing_keys():
-    raw = launch.OmegaConf.to_container(
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.to_container(
         compose_raw([]), resolve=True)
     raw["trainer"]["bogus"] = 1
     with pytest.raises(Exception, match="trainer.bogus"):

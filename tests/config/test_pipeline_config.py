@@ -25,7 +25,7 @@ REFUSALS = [
 @pytest.mark.parametrize("overrides,key,fix", REFUSALS, ids=[" ".join(o) for o, _, _ in REFUSALS])
 def test_pipeline_refusal_is_one_line_exit_2(overrides, key, fix, capsys):
     with pytest.raises(SystemExit) as exited:
-        launch._precheck(overrides)
+        launch.check(overrides)
     assert exited.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
@@ -42,7 +42,7 @@ def test_pipeline_refusal_is_one_line_exit_2(overrides, key, fix, capsys):
     ["cluster.nproc_per_node=8", "parallel.dp=2", "parallel.pp=2", "parallel.tp=2", "parallel.zero_stage=1"],
 ])
 def test_pipeline_layouts_validate(overrides):
-    launch._precheck(overrides)  # no SystemExit
+    launch.check(overrides)  # no SystemExit
     cfg = _compose(overrides)
     assert cfg.parallel.pp == 2
 

@@ -38,7 +38,7 @@ TP_REFUSALS = [
 @pytest.mark.parametrize("overrides,key,problem,fix", TP_REFUSALS, ids=[" ".join(o[2:]) for o, *_ in TP_REFUSALS])
 def test_tensor_parallel_refusal_is_one_line_exit_2(overrides, key, problem, fix, capsys):
     with pytest.raises(SystemExit) as exited:
-        launch._precheck(overrides)
+        launch.check(overrides)
     assert exited.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err

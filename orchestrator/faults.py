@@ -1,0 +1,70 @@
+"""A rank that dies or hangs mid-step: the whole job ends within cluster.collective_timeout_s, and
+the one line it ends with names the rank that stopped.
+
+Every collective waits at most cluster.collective_timeout_s for its peers (the process groups'
+timeout, orchestrator/compat.py set_default_collective_timeout). Each rank records the last step
+it finished in <run.dir>/heartbeat/rank_<N> (one small local write per step). When a collective
+times out, the ranks still alive read those records: the rank(s) behind the others are the ones
+that died or hang. The timed-out ranks then fail, and the launcher stops the rest (a hung rank
+included: SIGKILL reaches a stopped process).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+HEARTBEAT_DIR = "heartbeat"
+# The messages a collective's timeout raises with: gloo, NCCL's watchdog, the c10d store.
+_TIMEOUT_MARKS = ("Timed out waiting", "timed out", "Watchdog caught collective operation timeout",
+                  "Connection closed by peer", "Connection reset by peer")
+
+
+class Heartbeat:
+    """This rank's progress record, and everyone's."""
+
+    def __init__(self, run_dir: str, rank: int, world_size: int):
+        self.folder = os.path.join(run_dir, HEARTBEAT_DIR)
+        self.rank, self.world_size = rank, world_size
+        os.makedirs(self.folder, exist_ok=True)
+
+    def beat(self, step: int) -> None:
+        """This rank finished `step` (written whole: a reader never sees half a number)."""
+        path = os.path.join(self.folder, f"rank_{self.rank:05d}")
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.write(str(step))
+        os.replace(path + ".tmp", path)
+
+    def steps(self) -> dict[int, Optional[int]]:
+        out: dict[int, Optional[int]] = {}
+        for rank in range(self.world_size):
+            try:
+                with open(os.path.join(self.folder, f"rank_{rank:05d}"), encoding="utf-8") as f:
+                    out[rank] = int(f.read().strip() or -1)
+            except (OSError, ValueError):
+                out[rank] = None  # never finished a step
+        return out
+
+
+# The running trainer's heartbeat (one trainer per process), for the error path of train_main.
+CURRENT: Optional[Heartbeat] = None
+
+
+def is_collective_timeout(exc: BaseException) -> bool:
+    text = str(exc)
+    return isinstance(exc, (RuntimeError, OSError)) and any(mark in text for mark in _TIMEOUT_MARKS)
+
+
+def timeout_message(heartbeat: Optional[Heartbeat], timeout_s: int) -> str:
+    """One line: which rank stopped, at which step, and what to do."""
+    me = heartbeat.rank if heartbeat else int(os.environ.get("RANK", "0"))
+    steps = heartbeat.steps() if heartbeat else {}
+    known = {r: s for r, s in steps.items() if r != me}
+    mine = steps.get(me)
+    lowest = min((-1 if s is None else s) for s in known.values()) if known else None
+    behind = sorted(r for r, s in known.items() if (-1 if s is None else s) == lowest) if known else []
+    who = (f"rank {', '.join(map(str, behind))} stopped after step {lowest if lowest >= 0 else '(none)'}"
+           if behind and lowest is not None and (mine is None or lowest < mine + 1) else "a peer rank stopped")
+    return (f"cluster.collective_timeout_s={timeout_s}: rank {me} waited {timeout_s} s in a collective at step "
+            f"{(mine or 0) + 1}: {who} (it died or hangs); fix: see that rank's log (<run.dir>/logs), then run "
+            "the same command again to resume from the last complete checkpoint")
