@@ -70,6 +70,8 @@ class TrainerConfig:
     precision: str = doc("auto (bf16 on GPU, fp32 on CPU), fp32 or bf16")
     device: str = doc("auto (cuda when available), cpu or cuda")
     progress_bar: bool = doc("show a progress bar with ETA on rank 0")
+    # Last and with a default so code that builds a TrainerConfig by hand need not name it.
+    eval_sources: dict = dataclasses.field(default_factory=dict, metadata={"doc": "extra named evaluation sources, {name: source} (source as in data.source), evaluated at every evaluation next to the run's own validation split and logged as val_<name>_loss, ... (orchestrator/evaluate.py); {} for none"})
 
 
 @dataclass
@@ -207,11 +209,21 @@ def _convert(hint: Any, value: Any, key: str):
         if isinstance(value, str):
             return value
         raise ConfigError(key, value, "expected a string", f"quote the value of {key}")
+    if hint is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise ConfigError(key, value, "expected a mapping", f"write {key}={{name: value, ...}}")
     if hint is list or origin is list:
         if isinstance(value, (list, tuple)):
             return list(value)
         raise ConfigError(key, value, "expected a list", f"write {key}=[...]")
     raise TypeError(f"unsupported schema type {hint!r} for {key}")  # a schema bug, not user input
+
+
+def load_section(cls: type, raw: Any, key: str):
+    """One part of a config (e.g. ModelConfig from a saved run config's "model"), checked as
+    load_config checks it; `key` is its place in the config, for error messages."""
+    return _build(cls, raw, prefix=key + ".")
 
 
 def to_dict(cfg: TrainConfig) -> dict:
