@@ -71,7 +71,7 @@ class TrainerConfig:
     device: str = doc("auto (cuda when available), cpu or cuda")
     progress_bar: bool = doc("show a progress bar with ETA on rank 0")
     # Last and with a default so code that builds a TrainerConfig by hand need not name it.
-    eval_sources: dict = dataclasses.field(default_factory=dict, metadata={"doc": "extra named evaluation sources, {name: source} (source as in data.source), evaluated at every evaluation next to the run's own validation split and logged as val_<name>_loss, ... (orchestrator/evaluate.py); {} for none"})
+    eval_sources: Optional[dict] = dataclasses.field(default=None, metadata={"doc": "extra named evaluation sources, {name: source} (source as in data.source), evaluated at every evaluation next to the run's own validation split and logged as val_<name>_loss, ... (orchestrator/evaluate.py); null for none"})
 
 
 @dataclass
@@ -125,6 +125,17 @@ class IsoflopConfig:
     warmup_fraction: float = doc("each point's optim.warmup_steps as a share of its steps (cosine decay then runs to its last step)")
     min_steps: int = doc("refuse a plan whose point would train fewer optimizer steps than this (budget too small for the size)")
     point: Optional[int] = doc("index of this run in the plan; launch.py sets it for each point of the sweep (null: plan and run them all)")
+
+
+@dataclass
+class EvalConfig:
+    """`python -m orchestrator.evaluate` options (eval.<key>=<value>); not part of a run's config."""
+
+    sources: Optional[dict] = doc("named sources to evaluate, {name: source} (source as in data.source); null: the run's own data.source, named val")
+    batches: Optional[int] = doc("validation batches per source; null: the run's trainer.eval_batches (the windows the run itself evaluated on)")
+    batch_size: Optional[int] = doc("windows per batch; null: the run's trainer.micro_batch_size")
+    output: Optional[str] = doc("where the JSON results go; null: eval_step<step>.json in the current directory")
+    device: str = doc("auto (cuda when available), cpu or cuda")
 
 
 @dataclass

@@ -20,6 +20,7 @@ decoding gives the same tokens (tests/unit/test_generate.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from typing import Callable, Optional
 
@@ -88,8 +89,8 @@ class TextStream:
     """Prints decoded text as tokens arrive; holds back an incomplete UTF-8 character (its bytes
     decode to U+FFFD until the rest arrives)."""
 
-    def __init__(self, tokenizer, out=sys.stdout) -> None:
-        self.tokenizer, self.out = tokenizer, out
+    def __init__(self, tokenizer, out=None) -> None:
+        self.tokenizer, self.out = tokenizer, out if out is not None else sys.stdout
         self.ids: list[int] = []
         self.printed = ""
 
@@ -192,7 +193,9 @@ def _run(args: argparse.Namespace) -> int:
                           f"the prompt ({len(prompt_ids)} tokens with the leading end-of-document) plus the new "
                           f"tokens exceed the model's context of {context} tokens (model.max_seq_len; refused, "
                           "not slid)", fix)
-    model = build_loaded_model(state, device, route_every_token=True)
+    # stdout carries only the samples: DeepSpeed prints its set-up lines (MoE groups, op builds).
+    with contextlib.redirect_stdout(sys.stderr):
+        model = build_loaded_model(state, device, route_every_token=True)
     print(f"# {state.kind} {state.source} step {state.step}; {state.config['model']['ffn']} model on {device.type}",
           file=sys.stderr, flush=True)
     generator = torch.Generator().manual_seed(args.seed)

@@ -110,6 +110,8 @@ def _find_step_dir(storage: Storage, source: str) -> Storage:
 
 
 def _read_checkpoint(step_dir: Storage, source: str) -> ModelState:
+    # safe_load's allow-list imports deepspeed, which warns unless told its accelerator.
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     from orchestrator.checkpoint import MANIFEST, safe_load, sha256_file
 
     shown = step_dir.display()

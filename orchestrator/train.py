@@ -97,6 +97,8 @@ class Trainer:
         # evaluated on the same text.
         self.val_batches = ValBatches(corpus.load("val"), d.seq_len, t.micro_batch_size, t.eval_batches,
                                       self.dp_rank, self.dp_size)
+        from orchestrator.evaluate import evaluator_for_training  # trainer.eval_sources; None when {}
+        self.source_evaluator = evaluator_for_training(self.cfg, tokenizer, self.dp_rank, self.dp_size)
 
     def _build(self):
         from model.flops import count_model, format_counts
@@ -299,6 +301,9 @@ class Trainer:
             final = step == t.max_steps
             if (t.eval_every and step % t.eval_every == 0) or final:
                 self._evaluate_and_log(step)
+                if self.source_evaluator is not None:
+                    from orchestrator.evaluate import evaluate_for_training
+                    evaluate_for_training(self.source_evaluator, self.engine, self.device, self.reporter, step)
                 watch.lap()  # evaluation time is not training throughput
             every = c.checkpoint.every_steps
             if (every and step % every == 0) or final or stop:
