@@ -127,20 +127,22 @@ def measure(variant: str, args) -> list[dict]:
         gen = torch.Generator().manual_seed(batch)
         prompt = torch.randint(0, 256, (batch, args.prompt_len), generator=gen).to(device)
         best_prefill, best_decode = float("inf"), float("inf")
+        cpu_prefill, cpu_decode = float("inf"), float("inf")
         for rep in range(args.repeats + 1):  # the first pass warms up (allocations, compiled loops)
             cache = KVCache(cfg, batch, device, dtype=dtype, max_len=args.prompt_len + args.decode_steps)
             _sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             logits = model(prompt, cache=cache).logits[:, -1]
             _sync(device)
-            t1 = time.perf_counter()
+            t1, c1 = time.perf_counter(), time.process_time()
             for _ in range(args.decode_steps):
                 token = logits.argmax(-1, keepdim=True)
                 logits = model(token, cache=cache).logits[:, -1]
             _sync(device)
-            t2 = time.perf_counter()
+            t2, c2 = time.perf_counter(), time.process_time()
             if rep:
                 best_prefill, best_decode = min(best_prefill, t1 - t0), min(best_decode, t2 - t1)
+                cpu_prefill, cpu_decode = min(cpu_prefill, c1 - c0), min(cpu_decode, c2 - c1)
         if device.type == "cuda":
             peak = torch.cuda.max_memory_allocated()
         else:
@@ -149,6 +151,10 @@ def measure(variant: str, args) -> list[dict]:
         rows.append({"variant": variant, "batch": batch, "params": params,
                      "prefill_tok_s": batch * args.prompt_len / best_prefill,
                      "decode_tok_s": batch * args.decode_steps / best_decode,
+                     # Per second of this process's CPU time (all its threads): less sensitive to
+                     # other processes on a shared machine than wall time (CPU runs only).
+                     "prefill_tok_cpu_s": batch * args.prompt_len / max(cpu_prefill, 1e-9),
+                     "decode_tok_cpu_s": batch * args.decode_steps / max(cpu_decode, 1e-9),
                      "peak_bytes": peak, "ffn_numbers_per_token": ffn,
                      "ffn_bytes_per_token": ffn * torch.finfo(dtype).bits // 8,
                      "shared_bytes_per_token": shared_numbers_per_token(cfg) * torch.finfo(dtype).bits // 8})
@@ -164,8 +170,11 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--decode-steps", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
     p.add_argument("--one", help=argparse.SUPPRESS)  # run one variant here, print JSON rows
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.one:
         print(json.dumps(measure(args.one, args)))
         return
@@ -173,22 +182,24 @@ def main() -> None:
     for variant in args.variants:
         cmd = [sys.executable, os.path.abspath(__file__), "--one", variant, "--device", args.device,
                "--dtype", args.dtype, "--prompt-len", str(args.prompt_len), "--decode-steps",
-               str(args.decode_steps), "--repeats", str(args.repeats), "--batches", *map(str, args.batches)]
+               str(args.decode_steps), "--repeats", str(args.repeats), "--threads", str(args.threads),
+               "--batches", *map(str, args.batches)]
         env = {**os.environ, "PYTHONPATH": ROOT, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", args.device)}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode:
             sys.exit(f"{variant} failed:\n{proc.stderr[-3000:]}")
         rows += json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"device {args.device}, {args.dtype}, prompt {args.prompt_len} tokens, {args.decode_steps} decode steps, "
-          f"best of {args.repeats}; shared weights read per token (attention, dense blocks, head): "
+          f"best of {args.repeats}; {torch.get_num_threads()} threads; shared weights read per token (attention, dense blocks, head): "
           f"{rows[0]['shared_bytes_per_token'] / 2**20:.2f} MiB")
     head = (f"{'variant':<12} {'batch':>5} {'params':>8} {'prefill tok/s':>13} {'decode tok/s':>12} {'peak mem':>9} "
-            f"{'FFN bytes/decoded tok':>21}")
+            f"{'FFN bytes/decoded tok':>21} {'prefill tok/CPU-s':>17} {'decode tok/CPU-s':>16}")
     print(head)
     print("-" * len(head))
     for r in rows:
         print(f"{r['variant']:<12} {r['batch']:>5} {r['params'] / 1e6:>7.1f}M {r['prefill_tok_s']:>13,.0f} "
-              f"{r['decode_tok_s']:>12,.0f} {r['peak_bytes'] / 2**20:>6.0f}MiB {r['ffn_bytes_per_token'] / 2**10:>17.0f} KiB")
+              f"{r['decode_tok_s']:>12,.0f} {r['peak_bytes'] / 2**20:>6.0f}MiB {r['ffn_bytes_per_token'] / 2**10:>17.0f} KiB "
+              f"{r['prefill_tok_cpu_s']:>17,.0f} {r['decode_tok_cpu_s']:>16,.0f}")
 
 
 if __name__ == "__main__":
