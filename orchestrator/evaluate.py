@@ -11,7 +11,9 @@ its *validation* split is read through orchestrator/data.ValBatches: `batches` x
 windows of seq_len + 1 tokens whose starts come from numpy's default_rng([0, 1]) over that split,
 independent of the run's seed and of the layout. With the defaults (the run's own data.source,
 trainer.eval_batches, trainer.micro_batch_size, data.seq_len) these are the windows the training
-run evaluated on, so `evaluate` reproduces the val_loss the run logged at that step.
+run evaluated on, so `evaluate` reproduces the val_loss the run logged at that step (exactly
+for a one-process run; after dp > 1 closely, since the reader pools the ranks' BatchNorm
+statistics, orchestrator/model_io.py).
 
 Measures, per source: loss = mean cross-entropy in nats over every predicted token (every batch
 has as many tokens, so also the mean of batch means, as the trainer computes it); perplexity =

@@ -182,3 +182,29 @@ def test_bad_inputs_are_one_line_and_exit_2(runs, tmp_path, capsys, data_cache):
     lines = proc.stderr.decode().strip().splitlines()
     assert len(lines) == 1 and "cannot be encoded" in lines[0] and proc.stdout == b""
     assert not list(tmp_path.glob("eval_step*.json")), "nothing written on a refusal"
+
+
+def test_two_data_parallel_ranks_eval_sources_and_pooled_batchnorm(tmp_path, data_cache):
+    """dp = 2: the trainer's eval_sources sum over both ranks' windows (equal to what one process
+    computes with the same statistics); evaluate uses the ranks' pooled BatchNorm statistics, not
+    each rank's own, so it is close to the logged val loss but not equal (3e-3 relative: tiny model,
+    4 steps, statistics of 4 batches per rank)."""
+    proc = launch(COMMON + ["trainer.max_steps=4", "cluster.nproc_per_node=2", "parallel.dp=2",
+                            "tracking.enabled=false", f"trainer.eval_sources={{json: '{JSON_SOURCE}'}}",
+                            f"run.root={tmp_path}", f"data.cache_dir={data_cache}"], cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    run = tmp_path / "default"
+    state = read_model_state(str(run))
+    rank_files = sorted((run / "checkpoints" / "step_00000004").glob("rank_*.pt"))
+    assert len(rank_files) == 2
+    _, results = evaluate_checkpoint(str(run), {"data.cache_dir": str(data_cache),
+                                                "eval.sources": {"val": "stdlib", "json": JSON_SOURCE}})
+    assert results["val"].loss == pytest.approx(_logged(run, "val_loss", step=4), rel=3e-3)
+    assert results["json"].loss == pytest.approx(_logged(run, "val_json_loss", step=4), rel=3e-3)
+    assert results["json"].num_windows == 2 * 4  # both ranks' batches, as one process reads them
+    name = next(n for n in state.state_dict if n.endswith("running_mean"))
+    from orchestrator.checkpoint import safe_load
+
+    own = [safe_load(str(f))["extra"]["buffers"][name] for f in rank_files]
+    assert not torch.equal(own[0], own[1])
+    torch.testing.assert_close(state.state_dict[name], (own[0] + own[1]) / 2)
