@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from orchestrator.errors import USER_ERROR_EXIT_CODE, ConfigError
+from orchestrator.storage import redact
 
 LN2 = math.log(2.0)
 
@@ -316,12 +317,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tmp = f"{path}.tmp-{os.getpid()}"
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=1)
+            json.dump({**record, "tracking": {**record["tracking"], "uri": redact(record["tracking"]["uri"])}}, f, indent=1)
         os.replace(tmp, path)  # whole or absent
         print(f"wrote {path}")
         if record["tracking"]["enabled"]:
             run_id = log_to_mlflow(record, results, path)
-            print(f"mlflow: run {run_id} at {record['tracking']['uri']} (tag peer_lab.train_run_id="
+            print(f"mlflow: run {run_id} at {redact(record['tracking']['uri'])} (tag peer_lab.train_run_id="
                   f"{record['checkpoint'].get('train_run_id')})")
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
