@@ -12,6 +12,13 @@ Legend (shape suffixes):
     C  head dim, D / H (C2 = C / 2, rotary frequency pairs)
     L  max_seq_len, positions the rotary tables cover
     V  vocab size
+    S  positions held in a KV cache (the cached prefix plus this call's tokens)
+
+Inference: `forward(tokens, cache=KVCache(...))` appends the tokens' keys and values to the cache
+and attends over everything cached so far (prefill, then one token per decode step). Without a
+cache the forward is the training path, unchanged. Every FFN kind (dense, PEER, PKM, MoE) works
+token by token, so its decode path is its ordinary forward on [B, 1, D] (in eval mode: PEER's and
+PKM's query BatchNorm then use their running statistics).
 """
 
 from __future__ import annotations
@@ -68,6 +75,30 @@ def apply_rotary(x_BHTC: torch.Tensor, cos_TC2: torch.Tensor, sin_TC2: torch.Ten
     return torch.cat((x1_BHTC2 * cos_TC2 - x2_BHTC2 * sin_TC2, x1_BHTC2 * sin_TC2 + x2_BHTC2 * cos_TC2), dim=-1)
 
 
+class KVCache:
+    """Keys and values of every block for a batch of sequences being generated.
+
+    k[layer], v[layer]: [B, H, L, C] buffers; positions 0 .. length-1 are filled. The model
+    advances `length` after all blocks have appended a call's tokens.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, device: torch.device | str,
+                 dtype: torch.dtype = torch.float32, max_len: int | None = None) -> None:
+        self.max_len = cfg.max_seq_len if max_len is None else min(max_len, cfg.max_seq_len)
+        head_dim = cfg.d_model // cfg.num_attention_heads
+        shape = (batch_size, cfg.num_attention_heads, self.max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.length = 0
+
+    def append(self, layer: int, k_BHTC: torch.Tensor, v_BHTC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this call's keys and values at positions length .. length+T-1; return [B, H, S, C] views."""
+        end = self.length + k_BHTC.shape[2]
+        self.k[layer][:, :, self.length:end] = k_BHTC
+        self.v[layer][:, :, self.length:end] = v_BHTC
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, output_init_std: float) -> None:
         super().__init__()
@@ -82,14 +113,27 @@ class CausalSelfAttention(nn.Module):
         self.register_buffer("rope_cos", cos_LC2, persistent=False)
         self.register_buffer("rope_sin", sin_LC2, persistent=False)
 
-    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         batch, seq_len, d_model = x_BTD.shape
         qkv_BT3HC = self.qkv(x_BTD).view(batch, seq_len, 3, self.num_heads, self.head_dim)
         q_BHTC, k_BHTC, v_BHTC = qkv_BT3HC.permute(2, 0, 3, 1, 4).unbind(0)
-        cos_TC2, sin_TC2 = self.rope_cos[:seq_len], self.rope_sin[:seq_len]
+        start = 0 if cache is None else cache.length
+        cos_TC2, sin_TC2 = self.rope_cos[start:start + seq_len], self.rope_sin[start:start + seq_len]
         q_BHTC = apply_rotary(q_BHTC, cos_TC2, sin_TC2)
         k_BHTC = apply_rotary(k_BHTC, cos_TC2, sin_TC2)
-        att_BHTC = F.scaled_dot_product_attention(q_BHTC, k_BHTC, v_BHTC, is_causal=True)
+        if cache is None or start == 0:
+            if cache is not None:
+                cache.append(layer, k_BHTC, v_BHTC)
+            att_BHTC = F.scaled_dot_product_attention(q_BHTC, k_BHTC, v_BHTC, is_causal=True)
+        else:
+            k_BHSC, v_BHSC = cache.append(layer, k_BHTC, v_BHTC)
+            # Query i sits at position start + i and sees keys 0 .. start + i. One new token sees
+            # every cached key, so decoding needs no mask at all.
+            mask_TS = None
+            if seq_len > 1:
+                positions_S = torch.arange(start + seq_len, device=x_BTD.device)
+                mask_TS = positions_S[None, :] <= (start + torch.arange(seq_len, device=x_BTD.device))[:, None]
+            att_BHTC = F.scaled_dot_product_attention(q_BHTC, k_BHSC, v_BHSC, attn_mask=mask_TS)
         return self.out(att_BHTC.transpose(1, 2).reshape(batch, seq_len, d_model))
 
 
@@ -103,8 +147,11 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = ffn
 
-    def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD))
+    def forward(self, x_BTD: torch.Tensor, cache: KVCache | None = None,
+                layer: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # Without a cache the call is the training one (a tensor-parallel attention takes x only).
+        attn_in_BTD = self.attn_norm(x_BTD)
+        x_BTD = x_BTD + (self.attn(attn_in_BTD) if cache is None else self.attn(attn_in_BTD, cache, layer))
         aux_loss = None
         if isinstance(self.ffn, MoEFeedForward):
             ffn_BTD, aux_loss = self.ffn(self.ffn_norm(x_BTD))
@@ -141,17 +188,25 @@ class TransformerLM(nn.Module):
     def output_weight(self) -> torch.Tensor:
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
-    def forward(self, tokens_BT: torch.Tensor, targets_BT: torch.Tensor | None = None) -> LMOutput:
-        """Next-token logits; with targets [B, T] (-100 = ignore), the mean cross-entropy too."""
+    def forward(self, tokens_BT: torch.Tensor, targets_BT: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> LMOutput:
+        """Next-token logits; with targets [B, T] (-100 = ignore), the mean cross-entropy too.
+
+        With a cache, tokens_BT continue the cached sequences (positions cache.length onwards).
+        """
         seq_len = tokens_BT.shape[1]
-        if seq_len > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {seq_len} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        end = seq_len + (0 if cache is None else cache.length)
+        limit = self.cfg.max_seq_len if cache is None else cache.max_len
+        if end > limit:
+            raise ValueError(f"sequence length {end} exceeds model.max_seq_len={limit}")
         x_BTD = self.embed(tokens_BT)
         aux_losses = []
-        for block in self.blocks:
-            x_BTD, aux_loss = block(x_BTD)
+        for layer, block in enumerate(self.blocks):
+            x_BTD, aux_loss = block(x_BTD, cache, layer)
             if aux_loss is not None:
                 aux_losses.append(aux_loss)
+        if cache is not None:
+            cache.length = end
         logits_BTV = F.linear(self.final_norm(x_BTD), self.output_weight())
         aux_loss = torch.stack(aux_losses).sum() if aux_losses else logits_BTV.new_zeros((), dtype=torch.float32)
         if targets_BT is None:

@@ -70,6 +70,8 @@ class TrainerConfig:
     precision: str = doc("auto (bf16 on GPU, fp32 on CPU), fp32 or bf16")
     device: str = doc("auto (cuda when available), cpu or cuda")
     progress_bar: bool = doc("show a progress bar with ETA on rank 0")
+    # Last and with a default so code that builds a TrainerConfig by hand need not name it.
+    eval_sources: Optional[dict] = dataclasses.field(default=None, metadata={"doc": "extra named evaluation sources, {name: source} (source as in data.source), evaluated at every evaluation next to the run's own validation split and logged as val_<name>_loss, ... (orchestrator/evaluate.py); null for none"})
 
 
 @dataclass
@@ -129,6 +131,17 @@ class IsoflopConfig:
     warmup_fraction: float = doc("each point's optim.warmup_steps as a share of its steps (cosine decay then runs to its last step)")
     min_steps: int = doc("refuse a plan whose point would train fewer optimizer steps than this (budget too small for the size)")
     point: Optional[int] = doc("index of this run in the plan; launch.py sets it for each point of the sweep (null: plan and run them all)")
+
+
+@dataclass
+class EvalConfig:
+    """`python -m orchestrator.evaluate` options (eval.<key>=<value>); not part of a run's config."""
+
+    sources: Optional[dict] = doc("named sources to evaluate, {name: source} (source as in data.source); null: the run's own data.source, named val")
+    batches: Optional[int] = doc("validation batches per source; null: the run's trainer.eval_batches (the windows the run itself evaluated on)")
+    batch_size: Optional[int] = doc("windows per batch; null: the run's trainer.micro_batch_size")
+    output: Optional[str] = doc("where the JSON results go; null: eval_step<step>.json in the current directory")
+    device: str = doc("auto (cuda when available), cpu or cuda")
 
 
 @dataclass
@@ -213,11 +226,21 @@ def _convert(hint: Any, value: Any, key: str):
         if isinstance(value, str):
             return value
         raise ConfigError(key, value, "expected a string", f"quote the value of {key}")
+    if hint is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise ConfigError(key, value, "expected a mapping", f"write {key}={{name: value, ...}}")
     if hint is list or origin is list:
         if isinstance(value, (list, tuple)):
             return list(value)
         raise ConfigError(key, value, "expected a list", f"write {key}=[...]")
     raise TypeError(f"unsupported schema type {hint!r} for {key}")  # a schema bug, not user input
+
+
+def load_section(cls: type, raw: Any, key: str):
+    """One part of a config (e.g. ModelConfig from a saved run config's "model"), checked as
+    load_config checks it; `key` is its place in the config, for error messages."""
+    return _build(cls, raw, prefix=key + ".")
 
 
 def to_dict(cfg: TrainConfig) -> dict:

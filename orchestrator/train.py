@@ -147,6 +147,9 @@ class Trainer:
         # evaluated on the same text.
         self.val_batches = ValBatches(self.corpus.load("val"), d.seq_len, t.micro_batch_size, t.eval_batches,
                                       self.dp_rank, dp)
+        from orchestrator.evaluate import evaluator_for_training  # trainer.eval_sources; None when unset
+
+        self.source_evaluator = evaluator_for_training(self.cfg, tokenizer, self.dp_rank, dp)
 
     def _build(self) -> None:
         from model.flops import count_model, format_counts
@@ -233,6 +236,14 @@ class Trainer:
             final = step == t.max_steps
             if (t.eval_every and step % t.eval_every == 0) or final:
                 self._evaluate_and_log(step)
+                if self.source_evaluator is not None:
+                    from orchestrator.evaluate import evaluate_for_training
+
+                    evaluate_for_training(self.source_evaluator, self.engine.deepspeed_engine, self.device,
+                                          self.reporter, step)
+                if self.source_evaluator is not None:
+                    from orchestrator.evaluate import evaluate_for_training
+                    evaluate_for_training(self.source_evaluator, self.engine, self.device, self.reporter, step)
                 watch.lap()  # evaluation time is not training throughput
             every = c.checkpoint.every_steps
             if (every and step % every == 0) or final or result.stop:

@@ -55,7 +55,7 @@ TAG_PREFIX = "step_"
 # Keys whose change does not change what a checkpoint means: they may differ on resume.
 RESUMABLE_CHANGES = (
     "trainer.max_steps", "trainer.log_every", "trainer.eval_every", "trainer.eval_batches",
-    "trainer.progress_bar", "trainer.device", "optim.decay_steps", "checkpoint.", "tracking.", "run.",
+    "trainer.progress_bar", "trainer.device", "trainer.eval_sources.", "optim.decay_steps", "checkpoint.", "tracking.", "run.",
     "data.cache_dir", "model.peer.impl", "cluster.",
     "isoflop", "isoflop.",  # study metadata; a point's own overrides are ordinary keys, compared above
 )
