@@ -11,17 +11,17 @@ import pytest
 import torch
 
 from orchestrator.config import DataConfig, TrainerConfig
-from orchestrator.corpus import hash_fraction, list_source
-from orchestrator.data import TrainBatches, ValBatches, make_batches, prepare_corpus
+from orchestrator.data import TrainBatches, ValBatches, hash_fraction, list_source, make_batches, prepare_corpus
 from orchestrator.errors import ConfigError
 from orchestrator.tokenizer import ByteTokenizer, load_tokenizer
 
 BYTES = ByteTokenizer()
 
 
-def _cfg(source, cache_dir, val_fraction=0.3, seq_len=8, tokenizer="bytes"):
+def _cfg(source, cache_dir, val_fraction=0.3, seq_len=8, tokenizer="bytes", **more):
+    fields = {"text_field": "text", "num_workers": 1, "mixture": [], **more}
     return DataConfig(source=str(source), tokenizer=tokenizer, seq_len=seq_len, val_fraction=val_fraction,
-                      cache_dir=str(cache_dir))
+                      cache_dir=str(cache_dir), **fields)
 
 
 def _write_docs(root, num_docs=12):
@@ -36,7 +36,7 @@ def _write_docs(root, num_docs=12):
 
 
 def _documents(corpus):
-    lines = (corpus.dir / "documents.jsonl").read_text().splitlines()
+    lines = (corpus.dir / "files.jsonl").read_text().splitlines()
     return {d["path"]: d for d in map(json.loads, lines)}
 
 
@@ -56,7 +56,7 @@ def test_prepare_directory_splits_by_document(tmp_path):
     assert val == {p for p in texts if hash_fraction(p) < 0.3} or meta["moved_document"]
     # The tokens of each split are exactly its documents, each followed by eos.
     for split, members in (("train", train), ("val", val)):
-        tokens = corpus.load(split)
+        tokens = np.asarray(corpus.load(split))
         assert tokens.dtype == np.uint16 and len(tokens) == meta[split]["num_tokens"]
         assert int((tokens == BYTES.eos_id).sum()) == len(members) == meta[split]["num_documents"]
         assert len(tokens) == sum(len(texts[p].encode()) + 1 for p in members)
@@ -162,7 +162,7 @@ def test_cache_is_reused_and_follows_file_changes(tmp_path):
     _write_docs(src)
     cfg = _cfg(src, tmp_path / "cache")
     first = prepare_corpus(cfg, BYTES)
-    stamps = {name: os.stat(first.dir / name) for name in ("meta.json", "train.bin", "val.bin")}
+    stamps = {name: os.stat(first.dir / name) for name in ("meta.json", "shards/000000.train.bin", "shards/000000.val.bin")}
     second = prepare_corpus(cfg, BYTES)
     assert second.from_cache and second.dir == first.dir and second.meta == first.meta
     for name, st in stamps.items():
@@ -174,7 +174,8 @@ def test_cache_is_reused_and_follows_file_changes(tmp_path):
     assert "changed, and longer" in _text(third, "train") + _text(third, "val")
     # Other val_fraction or tokenizer: other key.
     assert prepare_corpus(_cfg(src, tmp_path / "cache", val_fraction=0.5), BYTES).dir != third.dir
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")) == []
+    # Only the (empty) lock files stay beside the caches: no partial or stale folder.
+    assert all(p.name.endswith(".lock") and p.is_file() for p in (tmp_path / "cache").iterdir() if p.name.startswith("."))
 
 
 def test_half_written_cache_is_never_read(tmp_path):
@@ -188,21 +189,21 @@ def test_half_written_cache_is_never_read(tmp_path):
         again = prepare_corpus(cfg, BYTES)
         return not again.from_cache and {s: again.load(s).tobytes() for s in expected} == expected
 
-    # A killed process's temporary sibling (partial tokens, no meta.json) is not read, nor removed
-    # (its owner may still be alive on another node).
-    shutil.rmtree(good.dir)
-    dead = good.dir.with_name(f".{good.dir.name}.tmp-dead")
-    dead.mkdir()
-    (dead / "train.bin").write_bytes(b"\x01\x00" * 3)
-    assert rebuilt() and dead.exists()
+    shard = good.dir / "shards" / "000000.train.bin"
     # The final folder without meta.json (not made by prepare_corpus) is rebuilt.
-    (good.dir / "meta.json").unlink()
-    (good.dir / "train.bin").write_bytes(b"\x01\x00" * 3)
+    (good.dir / "meta.json").rename(tmp_path / "meta.json")
     assert rebuilt()
     # A meta.json whose token files are truncated (a partial copy) is rebuilt too.
-    with open(good.dir / "train.bin", "r+b") as f:
+    with open(shard, "r+b") as f:
         f.truncate(10)
     assert rebuilt()
+    # A partial folder of the same key with an unfinished shard (no record) and a damaged finished
+    # one (its record says more tokens than the file holds) is not trusted: both are rebuilt.
+    shutil.rmtree(good.dir)
+    partial = good.dir.with_name(f".{good.dir.name}.partial")
+    (partial / "shards").mkdir(parents=True)
+    (partial / "shards" / "000000.train.bin.tmp").write_bytes(b"\x01\x00" * 3)
+    assert rebuilt() and not partial.exists()
     assert prepare_corpus(cfg, BYTES).from_cache
 
 
@@ -213,12 +214,13 @@ def _prepare_in_child(args):
 
 
 def test_concurrent_preparation_agrees(tmp_path):
-    # The stdlib corpus takes long enough to build (a fraction of a second) that the processes
-    # usually all build it and all but one lose the rename; any interleaving must agree.
+    # Three processes ask for the stdlib corpus at once: one builds it under the key's lock, the
+    # others wait and read it; any interleaving must agree.
     with multiprocessing.get_context("fork").Pool(3) as pool:
         results = pool.map(_prepare_in_child, [("stdlib", str(tmp_path / "cache"))] * 3)
     assert len(set(results)) == 1
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == [os.path.basename(results[0][0])]
+    key = os.path.basename(results[0][0])
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted([key, f".{key}.lock"])
 
 
 def test_both_splits_are_never_empty(tmp_path):
@@ -255,7 +257,7 @@ def test_prepare_with_a_tokenizer_json(tmp_path):
     _write_docs(tmp_path / "src")
     corpus = prepare_corpus(_cfg(tmp_path / "src", tmp_path / "cache"), hf)
     assert corpus.meta["tokenizer"] == hf.name and corpus.meta["vocab_size"] == 4
-    train = corpus.load("train")
+    train = np.asarray(corpus.load("train"))
     assert int((train == 3).sum()) == corpus.meta["train"]["num_documents"] and train.max() == 3
     assert corpus.dir != prepare_corpus(_cfg(tmp_path / "src", tmp_path / "cache"), BYTES).dir
 
