@@ -15,8 +15,7 @@ from typing import Any, Optional
 from model.config import ModelConfig, doc
 from orchestrator.errors import ConfigError
 
-# The byte tokenizer's vocabulary: 256 byte values plus one end-of-document token.
-BYTE_VOCAB_SIZE = 257
+from orchestrator.tokenizer import BYTE_VOCAB_SIZE  # noqa: F401  (re-exported; defined beside the tokenizer)
 
 
 @dataclass

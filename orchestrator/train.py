@@ -78,25 +78,22 @@ class Trainer:
         self.dp_rank, self.dp_size = mesh.coords(dist.get_rank()).dp, mesh.dp
 
     def _prepare_data(self):
-        from orchestrator.data import TrainBatches, ValBatches, prepare_corpus
+        from orchestrator.data import make_batches, prepare_sources
         from orchestrator.tokenizer import check_model_vocab, load_tokenizer
 
         d, t = self.cfg.data, self.cfg.trainer
         tokenizer = load_tokenizer(d.tokenizer)
         check_model_vocab(tokenizer, self.cfg.model.vocab_size)
-        # Rank 0 tokenizes; the others then find the finished cache.
+        # Rank 0 tokenizes (data.num_workers processes, a progress bar); the others then find the
+        # finished cache. self.val_batches holds every source's validation set (ValSets).
         if self.rank == 0:
-            corpus = prepare_corpus(d, tokenizer)
+            corpora = prepare_sources(d, tokenizer, progress=t.progress_bar)
         dist.barrier()
         if self.rank != 0:
-            corpus = prepare_corpus(d, tokenizer)
-        self.corpus = corpus
-        self.batches = TrainBatches(corpus.load("train"), d.seq_len, t.micro_batch_size, t.grad_accum_steps,
-                                    self.dp_rank, self.dp_size, t.seed)
-        # The validation windows do not depend on trainer.seed, so runs with different seeds are
-        # evaluated on the same text.
-        self.val_batches = ValBatches(corpus.load("val"), d.seq_len, t.micro_batch_size, t.eval_batches,
-                                      self.dp_rank, self.dp_size)
+            corpora = prepare_sources(d, tokenizer)
+        self.corpora = corpora
+        self.corpus = next(iter(corpora.values()))
+        self.batches, self.val_batches = make_batches(corpora, d, t, self.dp_rank, self.dp_size)
 
     def _build(self):
         from model.flops import count_model, format_counts
@@ -212,7 +209,8 @@ class Trainer:
     def _announce(self, resumed: bool) -> None:
         r, c = self.reporter, self.cfg
         r.print(f"run dir: {os.path.abspath(c.run.dir)}")
-        r.print(self.corpus.summary())
+        for name, corpus in self.corpora.items():
+            r.print(corpus.summary(name))
         r.print(f"model: {self.counts_text}")
         r.print(f"parallel: world={self.world_size} dp={c.parallel.dp} ep={c.parallel.ep} tp={c.parallel.tp} "
                 f"pp={c.parallel.pp} zero={c.parallel.zero_stage} device={self.device.type} "
@@ -491,14 +489,12 @@ class Trainer:
             layer.reset_usage()
             layer.track_usage = True
         self.engine.eval()
-        sums = torch.zeros(2, dtype=torch.float64)
         started = time.perf_counter()
-        for inputs, targets in self.val_batches:
-            out = self.engine(inputs.to(self.device), targets.to(self.device))
-            sums += torch.tensor([float(out.lm_loss), 1.0], dtype=torch.float64)
-        sums = sums.to(self.device)
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-        val_loss = float(sums[0] / sums[1])
+        from orchestrator.data import val_loss_by_source
+
+        val_loss, val_by_source = val_loss_by_source(
+            self.val_batches, lambda x, y: self.engine(x.to(self.device), y.to(self.device)).lm_loss, self.device,
+            all_reduce=lambda t: dist.all_reduce(t, op=dist.ReduceOp.SUM))
         usages, kls = [], []
         for layer in usage_layers:
             layer.track_usage = False
@@ -508,12 +504,13 @@ class Trainer:
             usages.append(usage)
             kls.append(kl)
         self.engine.train()
-        self._log_evaluation(step, val_loss, usages, kls, started)
+        self._log_evaluation(step, val_loss, usages, kls, started, val_by_source)
 
     def _log_evaluation(self, step: int, val_loss: float, usages: list[float], kls: list[float],
-                        started: float) -> None:
+                        started: float, val_by_source: dict | None = None) -> None:
         """Rank 0's report of an evaluation: usages and kls per sparse layer (PEER, PKM, MoE), in model order."""
         metrics = {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50.0))}
+        metrics.update({f"val_loss/{name}": loss for name, loss in (val_by_source or {}).items()})
         if usages:
             metrics["expert_usage"] = sum(usages) / len(usages)
             metrics["expert_kl_uniform"] = sum(kls) / len(kls)
@@ -523,7 +520,8 @@ class Trainer:
         self.reporter.log_metrics(step, metrics)
         extra = (f" | expert usage {metrics['expert_usage']:.1%} | KL(usage||uniform) {metrics['expert_kl_uniform']:.3f}"
                  if usages else "")
-        self.reporter.print(f"eval step {step} | val loss {val_loss:.4f} | val ppl {metrics['val_perplexity']:.2f}"
+        by_source = " (" + ", ".join(f"{n} {v:.4f}" for n, v in val_by_source.items()) + ")" if val_by_source else ""
+        self.reporter.print(f"eval step {step} | val loss {val_loss:.4f}{by_source} | val ppl {metrics['val_perplexity']:.2f}"
                             f"{extra} | {time.perf_counter() - started:.1f}s")
 
 

@@ -91,8 +91,8 @@ class PreparedCorpus:
         shards = [(self.dir / "shards" / s["file"], s["num_tokens"]) for s in self.meta["shards"][split]]
         return ShardedTokens(shards, self.dtype)
 
-    def summary(self) -> str:
-        """One line for the log."""
+    def summary(self, name: str = "") -> str:
+        """One line for the log; name: the mixture source's."""
         m = self.meta
         notes = []
         if m["num_skipped_binary"]:
@@ -107,7 +107,7 @@ class PreparedCorpus:
             s = m["prepare_seconds"]
             notes.append(f"{m['input_bytes'] / 1e6 / s:.1f} MB/s, {m['train']['num_tokens'] + m['val']['num_tokens']:,} "
                          f"tokens in {s:.1f}s with {m['num_workers']} worker{'s' if m['num_workers'] > 1 else ''}")
-        return (f"data: {m['source']}: {m['num_files']} files, {m['train']['num_documents']:,} train / "
+        return (f"data{f'[{name}]' if name else ''}: {m['source']}: {m['num_files']} files, {m['train']['num_documents']:,} train / "
                 f"{m['val']['num_documents']:,} val documents, {m['train']['num_tokens']:,} / {m['val']['num_tokens']:,} "
                 f"tokens in {sum(len(v) for v in m['shards'].values())} shards; {m['tokenizer']} ({m['dtype']}); "
                 f"{'cached' if self.from_cache else 'prepared'} in {self.dir}" + "".join(f"; {n}" for n in notes))
