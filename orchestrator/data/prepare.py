@@ -49,7 +49,7 @@ from orchestrator.tokenizer import Tokenizer, token_dtype
 # Bump when the layout or the meaning of the cached files changes: old caches then miss.
 FORMAT_VERSION = 2
 SPLITS = ("train", "val")
-_BATCH_BYTES = 4 << 20  # text handed to the tokenizer at once (bounds a worker's memory)
+_BATCH_BYTES = 1 << 20  # text handed to the tokenizer at once (bounds a worker's memory)
 # Test hook: a preparer that finished this many shards kills itself with SIGKILL (a real crash).
 _KILL_ENV = "PEERLAB_TEST_KILL_PREP_AFTER"
 
