@@ -307,6 +307,7 @@ def _build(source: Source, tokenizer: Tokenizer, cfg, text_field: str, key: str,
     finally:
         bar.close()
     ordered = [records[u.index] for u in units]
+    num_workers = min(num_workers, len(todo)) if len(todo) > 1 else 1  # processes that actually ran
     moved = _make_both_splits(ordered, shards_dir, dtype, float(cfg.val_fraction), source.spec, source.key)
     return _write_meta(partial, ordered, source, tokenizer, cfg, text_field, key, dtype, moved,
                        time.perf_counter() - started, num_workers)
