@@ -252,6 +252,8 @@ def test_invalid_utf8_and_bad_json_name_the_line(tmp_path, monkeypatch):
     monkeypatch.setattr(sources_mod, "UNIT_BYTES", 500)
     path.write_bytes(_jsonl_bytes(DOCS[:40]) + b'{"text": 3}\n')
     _refused(tmp_path, path, r"a.jsonl line 41: field 'text' is int, not a string")
+    # Found by a spawned worker process, the error reaches the user the same way.
+    _refused(tmp_path, path, r"a.jsonl line 41: field 'text' is int, not a string", num_workers=2)
 
 
 def test_corrupt_compressed_streams(tmp_path):
