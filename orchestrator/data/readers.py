@@ -178,7 +178,7 @@ def _load_dataset(f: SourceFile):
         return datasets.load_from_disk(f.path)
     except Exception as e:  # noqa: BLE001  the library raises many types for damaged folders
         raise DataError(f.rel, "", f"cannot be loaded with datasets.load_from_disk ({type(e).__name__}: {e})",
-                        f"re-save it with Dataset.save_to_disk, or point the source elsewhere") from None
+                        "re-save it with Dataset.save_to_disk, or point the source elsewhere") from None
 
 
 def _read_dataset(f: SourceFile, text_field: str, start: int, end: int | None) -> Iterator[Document]:
