@@ -307,20 +307,29 @@ def _build(source: Source, tokenizer: Tokenizer, cfg, text_field: str, key: str,
     finally:
         bar.close()
     ordered = [records[u.index] for u in units]
-    num_workers = min(num_workers, len(todo)) if len(todo) > 1 else 1  # processes that actually ran
+    num_workers = _num_processes(todo, num_workers)  # processes that actually ran
     moved = _make_both_splits(ordered, shards_dir, dtype, float(cfg.val_fraction), source.spec, source.key)
     return _write_meta(partial, ordered, source, tokenizer, cfg, text_field, key, dtype, moved,
                        time.perf_counter() - started, num_workers)
 
 
+def _num_processes(units: list[Unit], num_workers: int) -> int:
+    # Starting a worker costs seconds (spawn, imports): less than one unit's worth of input is
+    # tokenized in this process.
+    if len(units) <= 1 or sum(u.input_bytes for u in units) < src_mod.UNIT_BYTES:
+        return 1
+    return max(1, min(num_workers, len(units)))
+
+
 def _run_units(job: _Job, units: list[Unit], tokenizer: Tokenizer, num_workers: int):
-    if num_workers <= 1 or len(units) <= 1:
+    num_workers = _num_processes(units, num_workers)
+    if num_workers <= 1:
         for unit in units:
             yield _tokenize_unit(job, unit, tokenizer)
         return
     # spawn, not fork: the caller may be a training process with threads (gloo, OpenMP, tokenizers).
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(min(num_workers, len(units)), initializer=_init_worker, initargs=(tokenizer,)) as pool:
+    with ctx.Pool(num_workers, initializer=_init_worker, initargs=(tokenizer,)) as pool:
         yield from pool.imap_unordered(_call_unit, [(job, u) for u in units])
 
 
