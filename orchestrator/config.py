@@ -15,8 +15,7 @@ from typing import Any, Optional
 from model.config import ModelConfig, doc
 from orchestrator.errors import ConfigError
 
-# The byte tokenizer's vocabulary: 256 byte values plus one end-of-document token.
-BYTE_VOCAB_SIZE = 257
+from orchestrator.tokenizer import BYTE_VOCAB_SIZE  # noqa: F401  (re-exported; defined beside the tokenizer)
 
 
 @dataclass
@@ -28,11 +27,14 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    source: str = doc("'stdlib' (the running Python's standard library sources, always present) or an fsspec URL: file, directory or glob of text files")
+    source: str = doc("'stdlib' (the running Python's standard library sources, always present) or an fsspec URL: file, directory or glob of plain-text, JSON Lines (.jsonl/.json, .gz/.zst), Parquet files or a Hugging Face save_to_disk folder; ignored when data.mixture is set")
     tokenizer: str = doc("'bytes' (257 tokens) or a local path to a Hugging Face tokenizer.json (needs the tokenizers package)")
     seq_len: int = doc("tokens per training sequence")
-    val_fraction: float = doc("share of documents held out for validation, chosen by a hash of each document's name")
-    cache_dir: str = doc("where prepared token shards are cached (local path; ~ expands); keyed by source, files and tokenizer")
+    val_fraction: float = doc("share of documents held out for validation, chosen by a hash of each plain-text file's path or each record's text")
+    cache_dir: str = doc("where prepared token shards are cached (local path; ~ expands); keyed by source, files, tokenizer, text_field and val_fraction")
+    text_field: str = doc("the JSON Lines field / Parquet or dataset column that holds a record's text")
+    num_workers: int = doc("processes that tokenize in parallel while preparing the cache (1: in the training process)")
+    mixture: list = doc("weighted sources, e.g. [{name: web, source: /data/web, weight: 0.7}, {name: code, source: /data/code, weight: 0.3}] (optional text_field each); every step draws its windows by weight; [] trains on data.source alone")
 
 
 @dataclass

@@ -31,11 +31,12 @@ _CONNECT_TIMEOUT_S = 5.0
 def check_stores(cfg: TrainConfig) -> None:
     """ConfigError for the first store or service of `cfg` that this machine cannot use."""
     _check_store("checkpoint.dir", cfg.checkpoint.dir, must_exist=False)
-    if cfg.data.source != "stdlib":
-        _check_store("data.source", cfg.data.source, must_exist=True)
-        from orchestrator.corpus import list_source
+    from orchestrator.data import list_source, mixture_sources
 
-        _refusing("data.source", cfg.data.source, lambda: list_source(cfg.data.source))
+    for source in mixture_sources(cfg.data):  # data.source, or every source of data.mixture
+        if source.source != "stdlib":
+            _check_store(source.key, source.source, must_exist=True)
+            _refusing(source.key, source.source, lambda: list_source(source.source, source.key))
     if cfg.data.tokenizer != "bytes":
         from orchestrator.tokenizer import load_tokenizer
 

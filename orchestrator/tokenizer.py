@@ -16,8 +16,11 @@ from typing import Iterable, Protocol, runtime_checkable
 
 import numpy as np
 
-from orchestrator.config import BYTE_VOCAB_SIZE
 from orchestrator.errors import ConfigError
+
+# The byte tokenizer's vocabulary: 256 byte values plus one end-of-document token. Defined here, not
+# in orchestrator/config.py, so that preparation workers import neither the config nor torch.
+BYTE_VOCAB_SIZE = 257
 
 # Tried in this order as the end-of-document token of a tokenizer.json (first one present wins).
 EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "[EOS]", "<EOS>",

@@ -131,25 +131,21 @@ class Trainer:
         self.dp_rank = self.dims.coords(dist.get_rank()).dp
 
     def _prepare_data(self) -> None:
-        from orchestrator.data import TrainBatches, ValBatches, prepare_corpus
+        from orchestrator.data import make_batches, prepare_sources
+        from orchestrator.evaluate import evaluator_for_training
         from orchestrator.tokenizer import check_model_vocab, load_tokenizer
 
         d, t, dp = self.cfg.data, self.cfg.trainer, self.dims.dp
         tokenizer = load_tokenizer(d.tokenizer)
         check_model_vocab(tokenizer, self.cfg.model.vocab_size)
-        # Rank 0 tokenizes; the others then find the finished cache.
-        corpus = prepare_corpus(d, tokenizer) if self.rank == 0 else None
+        # Rank 0 tokenizes (data.num_workers processes, a progress bar); the others then find the
+        # finished cache. self.val_batches holds every source's validation set (ValSets); their
+        # windows do not depend on trainer.seed, so runs with different seeds see the same text.
+        corpora = prepare_sources(d, tokenizer, progress=t.progress_bar) if self.rank == 0 else None
         dist.barrier()
-        self.corpus = corpus if corpus is not None else prepare_corpus(d, tokenizer)
-        self.batches = TrainBatches(self.corpus.load("train"), d.seq_len, t.micro_batch_size, t.grad_accum_steps,
-                                    self.dp_rank, dp, t.seed)
-        # The validation windows do not depend on trainer.seed: runs with different seeds are
-        # evaluated on the same text.
-        self.val_batches = ValBatches(self.corpus.load("val"), d.seq_len, t.micro_batch_size, t.eval_batches,
-                                      self.dp_rank, dp)
-        from orchestrator.evaluate import evaluator_for_training  # trainer.eval_sources; None when unset
-
-        self.source_evaluator = evaluator_for_training(self.cfg, tokenizer, self.dp_rank, dp)
+        self.corpora = corpora if corpora is not None else prepare_sources(d, tokenizer)
+        self.batches, self.val_batches = make_batches(self.corpora, d, t, self.dp_rank, dp)
+        self.source_evaluator = evaluator_for_training(self.cfg, tokenizer, self.dp_rank, dp)  # trainer.eval_sources
 
     def _build(self) -> None:
         from model.flops import count_model, format_counts
@@ -187,7 +183,8 @@ class Trainer:
     def _announce(self, resumed) -> None:
         r, c = self.reporter, self.cfg
         r.print(f"run dir: {os.path.abspath(c.run.dir)}")
-        r.print(self.corpus.summary())
+        for name, corpus in self.corpora.items():
+            r.print(corpus.summary(name))
         r.print(f"model: {self.counts_text}")
         r.print(f"parallel: world={self.world_size} dp={c.parallel.dp} ep={c.parallel.ep} tp={c.parallel.tp} "
                 f"pp={c.parallel.pp} zero={c.parallel.zero_stage} device={self.device.type} "

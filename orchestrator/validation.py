@@ -166,8 +166,11 @@ def _validate_moe(m: MoEConfig) -> None:
 
 def _validate_data(cfg: TrainConfig) -> None:
     d = cfg.data
-    if not d.source:
+    if not d.source and not d.mixture:
         raise ConfigError("data.source", d.source, "is empty", "use data.source=stdlib or a path/URL of text files")
+    from orchestrator.data.mixture import check_mixture  # data.mixture, num_workers, text_field (issue 14)
+
+    check_mixture(d)
     _positive("data.seq_len", d.seq_len, 2)
     if d.seq_len > cfg.model.max_seq_len:
         raise ConfigError("data.seq_len", d.seq_len, f"exceeds model.max_seq_len={cfg.model.max_seq_len}",

@@ -52,11 +52,13 @@ class Evaluation:
     loss: float
     usages: list[float] = field(default_factory=list)
     kls: list[float] = field(default_factory=list)
+    by_source: dict[str, float] = field(default_factory=dict)  # a mixture's per-source val losses
 
     def metrics(self) -> dict[str, float]:
         """val_loss, val_perplexity; with sparse layers their mean usage and KL, and per layer
         (expert_usage_i, expert_kl_uniform_i) when there are several."""
         out = {"val_loss": self.loss, "val_perplexity": math.exp(min(self.loss, 50.0))}
+        out.update({f"val_loss/{name}": loss for name, loss in self.by_source.items()})
         if self.usages:
             out["expert_usage"] = sum(self.usages) / len(self.usages)
             out["expert_kl_uniform"] = sum(self.kls) / len(self.kls)
@@ -67,10 +69,18 @@ class Evaluation:
 
     def summary(self) -> str:
         m = self.metrics()
-        text = f"val loss {self.loss:.4f} | val ppl {m['val_perplexity']:.2f}"
+        by_source = " (" + ", ".join(f"{n} {v:.4f}" for n, v in self.by_source.items()) + ")" if self.by_source else ""
+        text = f"val loss {self.loss:.4f}{by_source} | val ppl {m['val_perplexity']:.2f}"
         if self.usages:
             text += f" | expert usage {m['expert_usage']:.1%} | KL(usage||uniform) {m['expert_kl_uniform']:.3f}"
         return text
+
+
+def named_batch_sets(batches) -> list[tuple[str, Sequence]]:
+    """The validation sets of an evaluation as (name, batches): a mixture's ValSets (one per source,
+    orchestrator/data) or one unnamed set."""
+    sets = getattr(batches, "sets", None)
+    return list(sets.items()) if sets is not None else [("", batches)]
 
 
 def expert_usage_stats(counts) -> tuple[float, float]:

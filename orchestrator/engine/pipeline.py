@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from orchestrator.compat import run_before_model_step
-from orchestrator.engine.base import Evaluation, StepResult, TrainEngine, expert_usage_stats
+from orchestrator.engine.base import Evaluation, StepResult, TrainEngine, expert_usage_stats, named_batch_sets
 from orchestrator.parallel.dims import ParallelDims
 
 
@@ -108,11 +108,16 @@ class PipelineTrainEngine(TrainEngine):
         for _, layer in local:
             layer.reset_usage()
             layer.track_usage = True
-        total = 0.0
-        for batch in batches:
-            pieces = [(x.to(self.device), y.to(self.device)) for x, y in split_micro_batches([batch], m)]
-            total += float(self._ds.eval_batch(iter(pieces), num_micro_batches=m))
-        val_loss = total / max(len(batches), 1)
+        by_source, total, count = {}, 0.0, 0
+        for name, source_batches in named_batch_sets(batches):
+            source_total = 0.0
+            for batch in source_batches:
+                pieces = [(x.to(self.device), y.to(self.device)) for x, y in split_micro_batches([batch], m)]
+                source_total += float(self._ds.eval_batch(iter(pieces), num_micro_batches=m))
+            total, count = total + source_total, count + len(source_batches)
+            if name:
+                by_source[name] = source_total / max(len(source_batches), 1)
+        val_loss = total / max(count, 1)
         grid = self._ds.grid
         stats = []
         for block, layer in local:
@@ -124,7 +129,7 @@ class PipelineTrainEngine(TrainEngine):
         dist.all_gather_object(gathered, stats, group=grid.get_pipe_parallel_group())
         ordered = sorted(s for per_stage in gathered for s in per_stage)
         self._ds.train()
-        return Evaluation(val_loss, [u for _, u, _ in ordered], [k for _, _, k in ordered])
+        return Evaluation(val_loss, [u for _, u, _ in ordered], [k for _, _, k in ordered], by_source)
 
     def describe(self) -> list[str]:
         from orchestrator.parallel.pipeline import describe_stages

@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from orchestrator.engine.base import Evaluation, StepResult, TrainEngine, expert_usage_stats
+from orchestrator.engine.base import Evaluation, StepResult, TrainEngine, expert_usage_stats, named_batch_sets
 
 
 class DeepSpeedTrainEngine(TrainEngine):
@@ -51,12 +51,16 @@ class DeepSpeedTrainEngine(TrainEngine):
             layer.reset_usage()
             layer.track_usage = True
         self._ds.eval()
-        sums = torch.zeros(2, dtype=torch.float64)
-        for inputs, targets in batches:
-            out = self._ds(inputs.to(self.device), targets.to(self.device))
-            sums += torch.tensor([float(out.lm_loss), 1.0], dtype=torch.float64)
+        named = named_batch_sets(batches)
+        sums = torch.zeros(len(named), 2, dtype=torch.float64)  # [source, (loss sum, batches)]
+        for i, (_, source_batches) in enumerate(named):
+            for inputs, targets in source_batches:
+                out = self._ds(inputs.to(self.device), targets.to(self.device))
+                sums[i] += torch.tensor([float(out.lm_loss), 1.0], dtype=torch.float64)
         sums = sums.to(self.device)
         dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        total = sums.sum(0)
+        by_source = {n: float(sums[i, 0] / sums[i, 1]) for i, (n, _) in enumerate(named) if n}
         usages, kls = [], []
         for layer in usage_layers:
             layer.track_usage = False
@@ -66,4 +70,4 @@ class DeepSpeedTrainEngine(TrainEngine):
             usages.append(usage)
             kls.append(kl)
         self._ds.train()
-        return Evaluation(float(sums[0] / sums[1]), usages, kls)
+        return Evaluation(float(total[0] / total[1]), usages, kls, by_source)
