@@ -59,6 +59,21 @@ def to_train_config(cfg: DictConfig) -> TrainConfig:
     return train_cfg
 
 
+def compose_train_config(overrides: list[str], check_fit: bool = True) -> TrainConfig:
+    """The validated TrainConfig of launch.py's overrides (no sweep): for tools that take the same
+    command line, e.g. `python -m orchestrator.plan` (check_fit=False: plan what would be refused)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    overrides = list(overrides) + ([] if check_fit else ["plan.check=false"])
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        try:
+            cfg = compose(config_name="config", overrides=overrides)
+        except (HydraException, OmegaConfBaseException) as exc:
+            raise ConfigError("overrides", " ".join(overrides), _one_line_hydra_error(exc, overrides), "check the overrides")
+        return to_train_config(cfg)
+
+
 def _precheck(argv: list[str]) -> list[str]:
     """Compose and validate before Hydra's own run, so that every refusal is one line, exit 2.
 

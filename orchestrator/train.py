@@ -116,6 +116,7 @@ class Trainer:
         # With tp > 1 too: a tp rank builds only its d/tp columns (tensor_parallel.py).
         with defer_expert_tables(enabled=self.dims.ep > 1 or self.dims.pp > 1 or self.dims.tp > 1):
             model = build_model(self.cfg.model, expert_parallel_size=self.cfg.parallel.ep)
+        model.set_activation_checkpointing(self.cfg.trainer.activation_checkpointing)  # before parallelize: it tells dense MLPs from sparse FFNs
         model = parallelize(model, self.dims)
         self.counts = count_model(self.cfg.model, self.cfg.data.seq_len)
         self.counts_text = format_counts(self.counts)
