@@ -101,6 +101,8 @@ def build_engine(model: nn.Module, cfg: TrainConfig, bf16: bool, mpu=None):
     with _expert_params_count_as_moe(model):
         engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                        config=deepspeed_config(cfg, bf16), mpu=mpu)
+    if cfg.parallel.dp == 1:  # no data-parallel peer: DeepSpeed's all-reduce would only copy every gradient twice
+        engine.enable_backward_allreduce = False
     return engine, scheduler
 
 
