@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-COMMON = ["trainer.max_steps=4", "trainer.log_every=1", "trainer.eval_every=0", "trainer.eval_batches=1",
+COMMON = ["trainer.max_steps=4", "trainer.log_every=1", "trainer.eval_every=0", "trainer.eval_batches=2",
           "tracking.enabled=false", "trainer.progress_bar=false", "checkpoint.every_steps=0"]
 BIG_DENSE = ["model=dense", "model.d_model=512", "model.num_layers=4", "model.num_attention_heads=8", "model.d_ff=2048"]
 PEER_256K = ["model=peer", "model.peer.num_experts=262144"]

@@ -96,7 +96,7 @@ def build_engine(model: nn.Module, cfg: TrainConfig, bf16: bool, mpu=None):
         groups = split_params_into_different_moe_groups_for_optimizer(groups)
     from orchestrator.optim import build_optimizer
 
-    optimizer = build_optimizer(groups, o)  # orchestrator/optim.py: fused AdamW
+    optimizer = build_optimizer(groups, o, cfg.parallel.zero_stage)  # orchestrator/optim.py: fused AdamW at ZeRO 0
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o, cfg.trainer.max_steps))
     with _expert_params_count_as_moe(model):
         engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,

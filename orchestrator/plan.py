@@ -532,20 +532,30 @@ def layouts(world: int, cfg: TrainConfig) -> list[dict]:
     return out
 
 
-def format_table(cfg: TrainConfig, device: Device, max_devices: int) -> str:
-    rows = ["| devices | dp | ep | tp | ZeRO | peak GB/rank | fits | step ms | MFU | tokens/s | ep GB/step | dp GB/step |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: | :-: | ---: | ---: | ---: | ---: | ---: |"]
+def format_table(cfg: TrainConfig, device: Device, max_devices: int, best: int = 3) -> str:
+    """Per device count (powers of two), the `best` layouts that fit with the most tokens/s, and how many fit."""
+    rows = ["| devices | dp | ep | tp | ZeRO | peak GB/rank | step ms | MFU | tokens/s | ep GB/step | dp GB/step | layouts that fit |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     world = 1
     while world <= max_devices:
+        planned = []
         for lay in layouts(world, cfg):
-            c = _with(cfg, parallel=lay, cluster={"nproc_per_node": min(world, 8), "nodes": max(1, world // 8)})
-            if c.model.ffn == "peer" and c.model.d_model % (lay["ep"] * lay["tp"]):
+            if cfg.model.ffn == "peer" and cfg.model.d_model % (lay["ep"] * lay["tp"]):
                 continue
-            p = plan(c, device)
+            c = _with(cfg, parallel=lay, cluster={"nproc_per_node": min(world, 8), "nodes": max(1, world // 8)})
+            planned.append((lay, c, plan(c, device)))
+        # Fastest = most tokens per second (a larger dp trains more tokens per step).
+        fitting = sorted((x for x in planned if x[2].fits), key=lambda x: -x[0]["dp"] / x[2].times["step"])
+        for lay, c, p in fitting[:best]:
             tokens = c.trainer.micro_batch_size * c.trainer.grad_accum_steps * lay["dp"] * c.data.seq_len
             rows.append(f"| {world} | {lay['dp']} | {lay['ep']} | {lay['tp']} | {lay['zero_stage']} | "
-                        f"{p.peak_bytes / GB:.1f} | {'yes' if p.fits else 'no'} | {p.times['step'] * 1e3:.0f} | "
-                        f"{p.mfu:.1%} | {tokens / p.times['step']:,.0f} | {p.comm['ep'] / GB:.2f} | {p.comm['dp'] / GB:.2f} |")
+                        f"{p.peak_bytes / GB:.1f} | {p.times['step'] * 1e3:.0f} | {p.mfu:.1%} | "
+                        f"{tokens / p.times['step']:,.0f} | {p.comm['ep'] / GB:.2f} | {p.comm['dp'] / GB:.2f} | "
+                        f"{len(fitting)} of {len(planned)} |")
+        if not fitting:
+            smallest = min(planned, key=lambda x: x[2].peak_bytes)[2] if planned else None
+            rows.append(f"| {world} | - | - | - | - | {smallest.peak_bytes / GB if smallest else 0:.1f} (least) | - | - | - | - | - | "
+                        f"0 of {len(planned)} |")
         world *= 2
     return "\n".join(rows)
 

@@ -352,7 +352,7 @@ def build_pipeline_engine(module: nn.Module, cfg, bf16: bool, dims: ParallelDims
         groups = split_params_into_different_moe_groups_for_optimizer(groups)
     from orchestrator.optim import build_optimizer
 
-    optimizer = build_optimizer(groups, o)  # orchestrator/optim.py: fused AdamW
+    optimizer = build_optimizer(groups, o, cfg.parallel.zero_stage)  # orchestrator/optim.py: fused AdamW at ZeRO 0
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o, cfg.trainer.max_steps))
     with _expert_params_count_as_moe(module):
         engine, _, _, scheduler = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
