@@ -23,13 +23,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-COMMON = ["trainer.max_steps=4", "trainer.log_every=1", "trainer.eval_every=0", "trainer.eval_batches=2",
+COMMON = [f"trainer.max_steps={os.environ.get('PLAN_BENCH_STEPS', 4)}", "trainer.log_every=1", "trainer.eval_every=0", "trainer.eval_batches=2",
           "tracking.enabled=false", "trainer.progress_bar=false", "checkpoint.every_steps=0"]
 BIG_DENSE = ["model=dense", "model.d_model=512", "model.num_layers=4", "model.num_attention_heads=8", "model.d_ff=2048"]
 PEER_256K = ["model=peer", "model.peer.num_experts=262144"]
 CONFIGS = {
     "baseline": ["model=dense", "model.d_model=64", "model.num_layers=2", "model.num_attention_heads=2",
                  "model.d_ff=128", "trainer.micro_batch_size=2"],
+    "baseline_dp2": ["model=dense", "model.d_model=64", "model.num_layers=2", "model.num_attention_heads=2",
+                     "model.d_ff=128", "trainer.micro_batch_size=2", "cluster.nproc_per_node=2", "parallel.dp=2"],
     "dense": BIG_DENSE,
     "peer": PEER_256K,
     "moe": ["model=moe", "model.moe.num_experts=32", "model.moe.d_ff=2048"],
@@ -43,6 +45,8 @@ CONFIGS = {
     "peer_1m": ["experiment=peer_1m_cpu"],
     "peer_1m_ep2": ["experiment=peer_1m_cpu", "cluster.nproc_per_node=2", "parallel.dp=2", "parallel.ep=2"],
     "peer_16k": ["experiment=peer_1m_cpu", "model.peer.num_experts=16384"],
+    "peer_16k_ep2": ["experiment=peer_1m_cpu", "model.peer.num_experts=16384", "cluster.nproc_per_node=2",
+                     "parallel.dp=2", "parallel.ep=2"],
 }
 
 
@@ -63,20 +67,22 @@ def measure(name: str, overrides: list[str]) -> dict:
             raise SystemExit(f"{name}: exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
         rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1)) * 1024
         steps = [json.loads(line) for line in open(Path(tmp) / name / "metrics.jsonl") if '"loss"' in line]
-    step_s = [s.get("step_time_s") or s.get("time_s") for s in steps]
-    return {"name": name, "overrides": " ".join(overrides), "predicted": p.peak_bytes, "measured": rss,
+    tokens_step = cfg.trainer.micro_batch_size * cfg.trainer.grad_accum_steps * cfg.parallel.dp * cfg.data.seq_len
+    later = sorted(tokens_step / s["tokens_per_s"] for s in steps if s["step"] >= 2)  # step 1 warms up
+    return {"step_s": later[len(later) // 2] if later else float("nan"),"name": name, "overrides": " ".join(overrides), "predicted": p.peak_bytes, "measured": rss,
             "plan": p, "wall_s": wall, "steps": steps, "log": proc.stdout}
 
 
 def main() -> None:
     names = sys.argv[1:] or list(CONFIGS)
     print(f"uptime: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
-    print("| config | overrides | predicted peak GB | measured peak RSS GB | predicted / measured |")
-    print("| --- | --- | ---: | ---: | ---: |")
+    print("| config | overrides | predicted peak GB | measured peak RSS GB | predicted / measured | "
+          "median s/step (from step 2) | roofline s/step |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for name in names:
         r = measure(name, CONFIGS[name])
         print(f"| {name} | `{r['overrides']}` | {r['predicted'] / 1e9:.3f} | {r['measured'] / 1e9:.3f} | "
-              f"{r['predicted'] / r['measured']:.2f} |", flush=True)
+              f"{r['predicted'] / r['measured']:.2f} | {r['step_s']:.2f} | {r['plan'].times['step']:.2f} |", flush=True)
         for line in r["log"].splitlines():
             if line.startswith("step "):
                 print(f"    {name}: {line}", flush=True)
