@@ -331,8 +331,14 @@ def _plan_stage(cfg: TrainConfig, device: Device, stage: int) -> Plan:
     comm = _comm_per_step(cfg, params, blocks, sparse, vb, tokens_mb)
     world = cfg.world_size
     tokens_step = t.micro_batch_size * t.grad_accum_steps * par.dp * cfg.data.seq_len
-    flops_step = float(count_model(m, cfg.data.seq_len).flops_per_token_train) * tokens_step
-    times = _roofline(cfg, device, precision, params, memory, comm, flops_step / world)
+    counts = count_model(m, cfg.data.seq_len)
+    flops_step = float(counts.flops_per_token_train) * tokens_step
+    # Recomputation is hardware work, not model FLOPs: it lengthens the step, not the MFU numerator.
+    recompute_fwd = {"blocks": counts.flops_per_token_fwd - counts.breakdown["lm_head"].flops_fwd,
+                     "sparse": sum(c.flops_fwd for k, c in counts.breakdown.items()
+                                   if k.startswith(("peer", "pkm", "moe")))}.get(mode, 0)
+    hardware_flops = flops_step + float(recompute_fwd) * tokens_step
+    times = _roofline(cfg, device, precision, params, memory, comm, hardware_flops / world)
     p = Plan(device, world, stage, params, memory, comm, flops_step, times, precision=precision)
     if m.ffn == "peer" and par.ep > 1 and mode != "none":
         p.notes.append("activation checkpointing recomputes the expert-parallel exchange: ep bytes are x1.5 in the forward")
