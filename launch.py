@@ -86,6 +86,15 @@ def compose_runs(argv: list[str]) -> tuple[list[Job], str | None, list[TrainConf
     return jobs, sweep_dir, configs
 
 
+def compose_train_config(overrides: list[str], check_fit: bool = True) -> TrainConfig:
+    """One run's validated TrainConfig from launch.py's overrides, for tools that take the same command
+    line (python -m orchestrator.plan, benchmarks); check_fit=False: also what the planner would refuse."""
+    try:
+        return compose_runs(list(overrides) + ([] if check_fit else ["plan.check=false"]))[2][0]
+    except LaunchRefused as exc:
+        raise ConfigError("overrides", " ".join(overrides), str(exc), "fix the overrides") from None
+
+
 def compose(argv: list[str]) -> tuple[list[tuple[list[str], object]], str | None, set[str]]:
     """([(a run's own overrides, its DictConfig)], the sweep dir (None: not a sweep), the keys given)."""
     if unknown := next((a for a in argv if a.startswith("-") and a not in ("-m", "--multirun")), None):

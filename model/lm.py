@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.checkpointing import CHECKPOINT_MODES, checkpointed
 from model.config import FFN_KINDS, ModelConfig
 from model.mlp import DenseMLP
 from model.moe import MoEFeedForward
@@ -146,18 +147,30 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(cfg, output_init_std)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = ffn
+        # What this block recomputes in the backward (model/checkpointing.py): "none", "block"
+        # (the whole block) or "ffn" (its FFN only); set by TransformerLM.set_activation_checkpointing.
+        self.recompute = "none"
 
     def forward(self, x_BTD: torch.Tensor, cache: KVCache | None = None,
                 layer: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.recompute == "block" and cache is None:  # inference (a cache) keeps nothing for backward
+            return checkpointed(self._forward, self, x_BTD)
+        return self._forward(x_BTD, cache, layer)
+
+    def _forward(self, x_BTD: torch.Tensor, cache: KVCache | None = None,
+                 layer: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
         # Without a cache the call is the training one (a tensor-parallel attention takes x only).
         attn_in_BTD = self.attn_norm(x_BTD)
         x_BTD = x_BTD + (self.attn(attn_in_BTD) if cache is None else self.attn(attn_in_BTD, cache, layer))
-        aux_loss = None
-        if isinstance(self.ffn, MoEFeedForward):
-            ffn_BTD, aux_loss = self.ffn(self.ffn_norm(x_BTD))
-        else:
-            ffn_BTD = self.ffn(self.ffn_norm(x_BTD))
+        recompute_ffn = self.recompute == "ffn" and cache is None
+        ffn = (lambda h: checkpointed(self._ffn, self.ffn, h)) if recompute_ffn else self._ffn
+        ffn_BTD, aux_loss = ffn(self.ffn_norm(x_BTD))
         return x_BTD + ffn_BTD, aux_loss
+
+    def _ffn(self, h_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if isinstance(self.ffn, MoEFeedForward):
+            return self.ffn(h_BTD)
+        return self.ffn(h_BTD), None
 
 
 class TransformerLM(nn.Module):
@@ -184,6 +197,15 @@ class TransformerLM(nn.Module):
         else:
             self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
             nn.init.normal_(self.lm_head.weight, mean=0.0, std=cfg.init_std)
+
+    def set_activation_checkpointing(self, mode: str) -> None:
+        """none, blocks (recompute every block in the backward, keeping only its input) or sparse
+        (recompute only the PEER/PKM/MoE FFNs, the layers with the widest activations)."""
+        if mode not in CHECKPOINT_MODES:
+            raise ValueError(f"activation checkpointing must be one of {CHECKPOINT_MODES}, got {mode!r}")
+        for block in self.blocks:
+            sparse = not isinstance(block.ffn, DenseMLP)
+            block.recompute = {"none": "none", "blocks": "block", "sparse": "ffn" if sparse else "none"}[mode]
 
     def output_weight(self) -> torch.Tensor:
         return self.embed.weight if self.lm_head is None else self.lm_head.weight

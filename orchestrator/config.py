@@ -74,6 +74,9 @@ class TrainerConfig:
     progress_bar: bool = doc("show a progress bar with ETA on rank 0")
     # Last and with a default so code that builds a TrainerConfig by hand need not name it.
     eval_sources: Optional[dict] = dataclasses.field(default=None, metadata={"doc": "extra named evaluation sources, {name: source} (source as in data.source), evaluated at every evaluation next to the run's own validation split and logged as val_<name>_loss, ... (orchestrator/evaluate.py); null for none"})
+    # A default so that trainers built in code need not name it; the YAML carries the key.
+    activation_checkpointing: str = dataclasses.field(default="none", metadata={
+        "doc": "none, blocks (keep only each block's input, recompute the block in the backward) or sparse (recompute only the PEER/PKM/MoE layers)"})
 
 
 @dataclass
@@ -147,6 +150,16 @@ class EvalConfig:
 
 
 @dataclass
+class PlanConfig:
+    """The planner (orchestrator/plan.py): memory, communication and time of a run before it starts."""
+
+    device: str = doc("device the plan models: auto (cpu without GPUs, else the GPU found here, h100 when none is visible), cpu, h100, h200 or a100")
+    check: bool = doc("refuse to launch a run the planner predicts will not fit in the device's memory; false launches anyway")
+    table: bool = doc("python -m orchestrator.plan: a table over layouts and device counts instead of one plan")
+    max_devices: int = doc("table mode: the largest device count (powers of two from 1)")
+
+
+@dataclass
 class TrainConfig:
     run: RunConfig = doc("run naming and directories")
     model: ModelConfig = doc("the language model")
@@ -160,6 +173,8 @@ class TrainConfig:
     # Optional and last: only experiment=isoflop (and the ablations) set it; the trainer ignores it.
     isoflop: Optional[IsoflopConfig] = dataclasses.field(default=None, metadata={
         "doc": "isoFLOP study settings (experiment=isoflop); null for an ordinary run"})
+    plan: Optional[PlanConfig] = dataclasses.field(default=None, metadata={
+        "doc": "the planner's device and launch check (conf/config.yaml); null: device auto, check on"})
 
     @property
     def world_size(self) -> int:

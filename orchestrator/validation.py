@@ -35,6 +35,19 @@ def validate(cfg: TrainConfig, *, cuda_device_count: int = 0) -> None:
     _validate_io(cfg)
     if cfg.isoflop is not None:
         _validate_isoflop(cfg.isoflop)
+    _validate_plan(cfg)  # last: the memory plan needs every other value valid
+
+
+def _validate_plan(cfg: TrainConfig) -> None:
+    """trainer.activation_checkpointing and plan.* values, then the fit check (orchestrator/plan.py)."""
+    _one_of("trainer.activation_checkpointing", cfg.trainer.activation_checkpointing, ("none", "blocks", "sparse"))
+    if cfg.plan is None:
+        return
+    _one_of("plan.device", cfg.plan.device, ("auto", "cpu", "h100", "h200", "a100"))
+    _positive("plan.max_devices", cfg.plan.max_devices)
+    from orchestrator.plan import check_fits
+
+    check_fits(cfg)
 
 
 def _validate_isoflop(s: IsoflopConfig) -> None:

@@ -141,11 +141,16 @@ def build_engine(model: nn.Module, cfg: TrainConfig, bf16: bool, mpu=None):
         # ZeRO reduces and partitions expert parameters over the expert-data-parallel group only;
         # it finds them through param groups marked 'moe'.
         groups = split_params_into_different_moe_groups_for_optimizer(groups)
-    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                                  weight_decay=o.weight_decay)
+    from orchestrator.optim import build_optimizer
+
+    optimizer = build_optimizer(groups, o, cfg.parallel.zero_stage)  # orchestrator/optim.py: fused AdamW at ZeRO 0
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o, cfg.trainer.max_steps))
     with expert_params_count_as_moe(model):
         engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                        config=deepspeed_config(cfg, bf16), mpu=mpu)
+    if cfg.parallel.dp == 1 and cfg.parallel.zero_stage == 0:
+        # No data-parallel peer: DeepSpeed's all-reduce would only flatten and copy every gradient
+        # twice. Not under ZeRO, whose reduce_gradients also fills its partitioned gradient buffers.
+        engine.enable_backward_allreduce = False
     return engine, scheduler
 

@@ -26,6 +26,8 @@ def build_train_engine(cfg: TrainConfig, dims: ParallelDims, device: torch.devic
     torch.manual_seed(cfg.trainer.seed)
     with defer_expert_tables(enabled=dims.ep > 1 or dims.pp > 1 or dims.tp > 1):
         model = build_model(cfg.model, expert_parallel_size=cfg.parallel.ep)
+    # Before parallelize, which replaces the dense MLPs this call tells apart from sparse FFNs.
+    model.set_activation_checkpointing(cfg.trainer.activation_checkpointing)
     model = parallelize(model, dims).to(device)
     # Control values (the stop vote) travel on CPU tensors: a gloo group when the default one is not.
     control_group = None

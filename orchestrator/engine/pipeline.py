@@ -58,7 +58,9 @@ def build_pipeline_deepspeed(module: nn.Module, cfg, bf16: bool):
     groups = param_groups(module, o.weight_decay)
     if any(is_moe_param(p) for p in module.parameters()):
         groups = split_params_into_different_moe_groups_for_optimizer(groups)
-    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+    from orchestrator.optim import build_optimizer
+
+    optimizer = build_optimizer(groups, o, cfg.parallel.zero_stage)  # orchestrator/optim.py: fused AdamW at ZeRO 0
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o, cfg.trainer.max_steps))
     with expert_params_count_as_moe(module):
         engine, _, _, scheduler = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,

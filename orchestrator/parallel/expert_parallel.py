@@ -150,6 +150,12 @@ class DimShardedPEER(PEER):
     `comm` counts the bytes this layer sends, forward and backward.
     """
 
+    # True when every rank of the group is known to call forward with as many tokens as this one
+    # (parallelize() sets it: the trainer's batches have one fixed shape); then the exchange's
+    # split sizes need no all_gather of token counts. False (the default) gathers them, so a
+    # caller may pass uneven counts.
+    equal_token_counts = False
+
     @classmethod
     def from_peer(cls, peer: PEER, group, group_name: str) -> "DimShardedPEER":
         return cls._take_over(peer, ep_group=group, group_name=group_name)
@@ -221,10 +227,13 @@ class DimShardedPEER(PEER):
         if self.ep == 1:  # tensor parallelism alone: every token is here, nothing to exchange
             return gathered_dot(x_TS, self.expert_down.weight, idx_TM, self.impl), (num_tokens, None, None, idx_TM)
         group, ep, stats = self.group, self.ep, self.comm
-        counts = torch.tensor([num_tokens], dtype=torch.int64, device=x_TS.device)
-        all_counts = [torch.zeros_like(counts) for _ in range(ep)]
-        dist.all_gather(all_counts, counts, group=group)  # 8 bytes per rank and forward (not per token)
-        rows_from = [int(c) for c in all_counts]  # T_j
+        if self.equal_token_counts:
+            rows_from = [num_tokens] * ep  # T_j
+        else:
+            counts = torch.tensor([num_tokens], dtype=torch.int64, device=x_TS.device)
+            all_counts = [torch.zeros_like(counts) for _ in range(ep)]
+            dist.all_gather(all_counts, counts, group=group)  # a collective and a host sync per forward
+            rows_from = [int(c) for c in all_counts]  # T_j
         mine = [num_tokens] * ep
 
         # 1. x slices: [E * T, C] (slice j first) -> [A, C], tokens of rank 0 first.

@@ -86,6 +86,11 @@ def _parallelize(model: nn.Module, dims: ParallelDims) -> nn.Module:
         from orchestrator.parallel.tensor_parallel import apply_tensor_parallel
 
         apply_tensor_parallel(model, dims.tp_group(), ep_group if dims.ep > 1 else None, dims.expert_group_name)
+    for module in model.modules():
+        if isinstance(module, DimShardedPEER):
+            # The trainer feeds every rank batches of one shape, [micro_batch_size, seq_len]
+            # (orchestrator/data.py): no all_gather of token counts in each forward.
+            module.equal_token_counts = True
     return model
 
 

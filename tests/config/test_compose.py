@@ -26,18 +26,20 @@ def _compose(overrides: list[str]) -> TrainConfig:
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
 def test_every_experiment_composes_and_validates(experiment):
-    cfg = _compose([f"experiment={experiment}"])
+    # plan.check=false: whether a config fits depends on the memory of the machine running the
+    # tests (model=peer_1m needs ~40 GB); the check itself is tested in tests/unit/test_plan.py.
+    cfg = _compose([f"experiment={experiment}", "plan.check=false"])
     assert isinstance(cfg, TrainConfig)
 
 
 @pytest.mark.parametrize("model", sorted(p.stem for p in (CONF / "model").glob("*.yaml")))
 def test_every_model_option_composes_and_validates(model):
-    cfg = _compose([f"model={model}"])
+    cfg = _compose([f"model={model}", "plan.check=false"])  # see above
     assert cfg.model.ffn in ("dense", "peer", "moe", "pkm")
 
 
 def test_paper_setting_is_the_paper_setting():
-    p = _compose(["model=peer_1m"]).model.peer
+    p = _compose(["model=peer_1m", "plan.check=false"]).model.peer  # ~40 GB: more than a CI machine has
     assert (p.num_experts, p.num_heads, p.top_k, p.query_batchnorm) == (1024**2, 8, 16, True)
 
 
