@@ -1,7 +1,8 @@
-"""The DeepSpeed engine: its config built from ours, AdamW with warmup + cosine decay.
+"""DeepSpeed's engine built from our config: its config dict, AdamW param groups, the LR schedule
+(warmup + cosine decay, and how it continues on resume), deepspeed.initialize.
 
 We hand DeepSpeed a torch AdamW (a "client optimizer") rather than DeepSpeed's own Adam: the latter
-compiles a C++ op on first use (about a minute on CPU, STACK.md), and torch's is the same math.
+compiles a C++ op on first use (about a minute on this CPU), and torch's is the same math.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum_steps,
         "train_batch_size": t.micro_batch_size * t.grad_accum_steps * p.dp,
-        # Without ZeRO the trainer clips (see trainer_clips_gradients); with ZeRO, DeepSpeed does.
+        # Without ZeRO the engine clips (see trainer_clips_gradients); with ZeRO, DeepSpeed does.
         "gradient_clipping": 0.0 if trainer_clips_gradients(cfg) else cfg.optim.grad_clip,
         "zero_optimization": {"stage": p.zero_stage},
         "bf16": {"enabled": bf16},
@@ -34,8 +35,8 @@ def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict[str, Any]:
 
 
 def trainer_clips_gradients(cfg: TrainConfig) -> bool:
-    """True when orchestrator/train.py clips instead of DeepSpeed: without ZeRO. The trainer needs
-    the global norm there anyway (DeepSpeed computes it for clipping and drops it), and DeepSpeed's
+    """True when the engine clips (orchestrator/engine/grad_norm.py) instead of DeepSpeed: without
+    ZeRO. The engine needs the global norm there anyway (DeepSpeed computes it for clipping and drops it), and DeepSpeed's
     ZeRO-0 clipping averages per-rank norms, which is wrong once experts are sharded over ep ranks;
     one norm, computed once, serves the log line and the clipping. With ZeRO 1/2 DeepSpeed clips
     inside its optimizer (counting each expert partition once) and reports the norm."""
