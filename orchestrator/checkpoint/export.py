@@ -116,9 +116,23 @@ def export(source: str, out: str, max_shard_bytes: int, log=print) -> dict:
     return {"files": len(names), "bytes": total, "tensors": len(weight_map), "step": src.step}
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory. Linux's VmHWM belongs to the process image and starts
+    afresh at exec; ru_maxrss does not (a child started by a big parent reports the parent's)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def main(argv=None) -> int:
     import argparse
-    import resource
     import sys
     import time
 
@@ -140,7 +154,7 @@ def main(argv=None) -> int:
         key, value, problem, fix = exc.args
         print(f"error: {key}={value!r}: {problem}; fix: {fix}", file=sys.stderr)
         return 2
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = _peak_rss_mb()
     print(f"exported step {result['step']} of {redact(args.source)} to {redact(args.out)}: {result['tensors']} tensors, "
           f"{result['bytes']:,} bytes in {result['files']} file(s), {time.perf_counter() - started:.1f}s, "
           f"peak memory {peak_mb:.0f} MB")
