@@ -11,11 +11,12 @@
         and the model-0000i-of-0000K.safetensors shards it names; tensor names are the keys of
         `model.lm.build_model(cfg.model).state_dict()` (one process, ep = 1, buffers included).
 
-Reader (a) is a stopgap: it is to be replaced by the layout-free reader of the portable-state
-work (`orchestrator.checkpoint.read_model_state`), which also reads checkpoints of ep/tp/pp > 1.
-Until then (a) reads checkpoints whose model file holds the whole model: parallel.ep = tp = pp = 1,
-any data-parallel degree and ZeRO stage 0-2 (DeepSpeed's mp_rank_00_model_states.pt 'module',
-plus the layer_*_expert_*_model_states.pt files in which DeepSpeed keeps MoE experts).
+Checkpoints whose model file holds the whole model (parallel.ep = tp = pp = 1, any data-parallel
+degree and ZeRO stage 0-2) are read from DeepSpeed's mp_rank_00_model_states.pt 'module' plus the
+layer_*_expert_*_model_states.pt files in which DeepSpeed keeps MoE experts, so that every data-
+parallel rank's BatchNorm statistics can be pooled (below). Checkpoints of ep, tp or pp > 1 are
+gathered from their layout-free shards by `orchestrator.checkpoint.read_model_state`; their
+BatchNorm statistics are data-parallel rank 0's.
 
 BatchNorm running statistics (PEER's and PKM's query norm). Each data-parallel rank updates its
 own from its own batches, and the trainer saves every rank's copy in that rank's file (so resume
@@ -120,8 +121,7 @@ def _read_checkpoint(step_dir: Storage, source: str) -> ModelState:
     par = config.get("parallel", {})
     layout = {k: par.get(k, 1) for k in ("ep", "tp", "pp")}
     if any(v != 1 for v in layout.values()):
-        raise _refuse(shown, f"written with parallel {layout}; this reader merges only ep=tp=pp=1 checkpoints",
-                      "export it with the layout-free exporter and pass the export folder")
+        return _read_portable(step_dir, shown, manifest)
     files = manifest["files"]
     wanted = [n for n in files if n == MODEL_FILE or _EXPERT_FILE.match(n) or _RANK_FILE.match(n)]
     if MODEL_FILE not in files:
@@ -156,6 +156,25 @@ def _read_checkpoint(step_dir: Storage, source: str) -> ModelState:
     state.update(pool_batchnorm_statistics(rank_buffers))
     return ModelState(config=config, state_dict=state, step=int(manifest["step"]), source=shown,
                       kind="checkpoint", train_run_id=model_file.get("mlflow_run_id"))
+
+
+def _read_portable(step_dir: Storage, shown: str, manifest: dict) -> ModelState:
+    """A checkpoint written under ep, tp or pp > 1: its layout-free index (global names, shapes and
+    each rank's pieces, orchestrator/checkpoint/portable.py) gathered into the one-process model.
+    BatchNorm statistics are then data-parallel rank 0's, as after any resharded resume (the
+    stage- and shard-local rank files do not name tensors by their global names)."""
+    from orchestrator.checkpoint.warm_start import read_model_state as read_portable
+    from orchestrator.checkpoint.portable import DamagedChunk
+
+    if "portable" not in manifest:
+        raise _refuse(shown, "written before checkpoints held layout-free shards (no portable index)",
+                      "resume it once under its own layout and save again, or evaluate another step")
+    try:
+        config, state, step = read_portable(step_dir.url)
+    except DamagedChunk as exc:
+        raise _refuse(shown, f"damaged ({exc})", "pick another step dir, e.g. the previous step") from None
+    return ModelState(config=config, state_dict=state, step=step, source=shown, kind="checkpoint",
+                      train_run_id=None)
 
 
 def pool_batchnorm_statistics(rank_buffers: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
