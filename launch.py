@@ -336,11 +336,12 @@ def _run_point(train_cfg: TrainConfig, cfg_dict: dict) -> None:
 def _run_here(train_cfg: TrainConfig, cfg_dict: dict, in_sweep: bool) -> int:
     """Train on this machine; the exit code (0, 2 for user errors, 75 after a stop signal, ...)."""
     from cluster.local import LaunchError, run_local
+    from cluster.rendezvous import HostSpec
     from orchestrator.train import train_main
 
     try:
         run_local(train_main, (cfg_dict,), train_cfg.cluster.nproc_per_node,
-                  run_id=train_cfg.run.name, log_dir=os.path.join(train_cfg.run.dir, "logs"))
+                  run_id=train_cfg.run.name, log_dir=os.path.join(train_cfg.run.dir, "logs"), hosts=HostSpec.from_cluster(cfg_dict["cluster"]))
     except LaunchError as exc:
         if exc.exit_code == USER_ERROR_EXIT_CODE:
             pass  # the worker already printed its one-line error

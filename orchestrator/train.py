@@ -69,7 +69,7 @@ class Trainer:
             torch.cuda.set_device(self.device)
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="nccl" if self.use_cuda else "gloo", auto_mpi_discovery=False)
+        deepspeed.init_distributed(dist_backend="nccl" if self.use_cuda else "gloo", auto_mpi_discovery=False, timeout=__import__("datetime").timedelta(seconds=self.cfg.cluster.collective_timeout_s))  # h17: bounded wait for a dead peer
         # Data comes by data-parallel rank: the tp ranks and pp stages of one replica read the same
         # batches (the first and last stage of a pipeline both need them: inputs and targets).
         from orchestrator.parallel.dims import ParallelDims
