@@ -146,8 +146,11 @@ def expand_tasks_per_node(value: str) -> list[int]:
 def check_port_free(port: int) -> None:
     """Refuse a port another process already listens on (the rendezvous store binds all addresses)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As the store does: connections of an earlier run in TIME_WAIT do not make a port busy.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("", port))
+            sock.listen(1)
         except OSError as exc:
             if exc.errno != errno.EADDRINUSE:
                 raise
@@ -164,6 +167,9 @@ def join(master_addr: str, master_port: int, nnodes: int, node_rank: int, timeou
 
     deadline = time.monotonic() + timeout_s
     where = f"{master_addr}:{master_port}"
+    if node_rank:
+        # Reach the port quietly first: torch's client logs a C++ stack trace for each retry.
+        _wait_reachable(master_addr, master_port, deadline)
     try:
         store = TCPStore(master_addr if node_rank else "0.0.0.0", master_port, None, node_rank == 0,
                          timedelta(seconds=timeout_s), wait_for_workers=False)
@@ -171,10 +177,7 @@ def join(master_addr: str, master_port: int, nnodes: int, node_rank: int, timeou
         if node_rank == 0:
             raise RendezvousError(f"cluster.master_port={master_port}: node_rank 0 cannot listen on it "
                                   f"({_first_line(exc)}); fix: pick a free port", True) from None
-        raise RendezvousError(f"cluster.master_addr={master_addr}: no rendezvous at {where} within "
-                              f"cluster.join_timeout_s={timeout_s:g} (node_rank 0 never came up, or the address "
-                              "is not its address); fix: start node_rank 0 on that host, or correct "
-                              "cluster.master_addr / cluster.master_port") from None
+        raise _unreachable(master_addr, master_port, timeout_s) from None
     store.set(f"peerlab/join/{node_rank}", socket.gethostname())
     keys = [f"peerlab/join/{r}" for r in range(nnodes)]
     while time.monotonic() < deadline:
@@ -190,12 +193,40 @@ def join(master_addr: str, master_port: int, nnodes: int, node_rank: int, timeou
             f"never joined the rendezvous at {where} (arrived: {names}); fix: start the same command with "
             f"cluster.node_rank={missing[0]} on the missing host, or check that it can reach {where}", False)
     store.set(f"peerlab/left/{node_rank}", "1")
+    end = time.monotonic() + timeout_s
     if node_rank == 0:
         left = [f"peerlab/left/{r}" for r in range(nnodes)]
-        end = time.monotonic() + timeout_s
         while not store.check(left) and time.monotonic() < end:
             time.sleep(0.05)
-    del store  # a client disconnects; node 0 closes the server and frees the port
+        del store  # closes the server and frees the port for torch's static rendezvous
+        return
+    # Wait until node 0 has closed this store: a client that connected to it instead of to the
+    # static rendezvous' new one would be cut off. The next store's client retries until it binds.
+    try:
+        while time.monotonic() < end:
+            store.check(keys)
+            time.sleep(0.05)
+    except Exception:  # the server went away: what we waited for (DistNetworkError and kin)
+        pass
+    del store
+
+
+def _wait_reachable(address: str, port: int, deadline: float) -> None:
+    while True:
+        try:
+            with socket.create_connection((address, port), timeout=max(0.1, min(1.0, deadline - time.monotonic()))):
+                return
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise _unreachable(address, port, None) from None
+            time.sleep(0.2)
+
+
+def _unreachable(address: str, port: int, timeout_s: float | None) -> RendezvousError:
+    within = f" within cluster.join_timeout_s={timeout_s:g}" if timeout_s is not None else " within cluster.join_timeout_s"
+    return RendezvousError(f"cluster.master_addr={address}: no rendezvous at {address}:{port}{within} (node_rank 0 "
+                           "never came up there, or that is not its address); fix: start node_rank 0 on that "
+                           "host, or correct cluster.master_addr / cluster.master_port")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -194,9 +194,12 @@ def exit_status(state: str, exit_code: str) -> int:
 
 def job_error(job) -> str:
     """The error submitit recorded for a failed job (rank 0's traceback's last line), or ''."""
+    down = failed_nodes_message(job.job_id)
+    if down:
+        return down  # a node failure: what the surviving ranks recorded is only its consequence
     path = job.paths.result_pickle
     if not path.exists():
-        return failed_nodes_message(job.job_id)
+        return ""
     try:
         from submitit.core.utils import pickle_load
 
