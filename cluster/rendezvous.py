@@ -171,7 +171,7 @@ def join(master_addr: str, master_port: int, nnodes: int, node_rank: int, timeou
         # Reach the port quietly first: torch's client logs a C++ stack trace for each retry.
         _wait_reachable(master_addr, master_port, deadline)
     try:
-        store = TCPStore(master_addr if node_rank else "0.0.0.0", master_port, None, node_rank == 0,
+        store = TCPStore(master_addr, master_port, None, node_rank == 0,
                          timedelta(seconds=timeout_s), wait_for_workers=False)
     except Exception as exc:  # torch raises DistNetworkError / RuntimeError subclasses
         if node_rank == 0:
