@@ -233,7 +233,7 @@ def wait(jobs: Sequence, poll_s: float = 2.0, stream: bool = True, out=None, err
             if state != last.get(i) and not stream:
                 print(f"job {job.job_id}: {state}", file=out, flush=True)
             last[i] = state
-            if state in FINAL_STATES:
+            if state in FINAL_STATES and not being_requeued(job.job_id, state):
                 results[i] = (state, code)
         if len(results) == len(jobs):
             break
@@ -437,3 +437,14 @@ def failed_nodes_message(job_id: str) -> str:
             reason = info.split("Reason=", 1)[1].split(" [")[0].strip() if "Reason=" in info else "not responding"
             failed.append(f"node {node} failed ({state}: {reason})")
     return "; ".join(failed)
+
+
+def being_requeued(job_id: str, state: str) -> bool:
+    """True while Slurm requeues a job that accounting already shows ended: a node failure of a
+    requeueable job is recorded as NODE_FAIL, then the job goes back to PENDING (same id) and runs
+    again; a launcher that stopped following at NODE_FAIL would report a job that is not over."""
+    if state != "NODE_FAIL":
+        return False
+    info = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, timeout=30).stdout
+    fields = dict(f.split("=", 1) for f in info.split() if "=" in f)
+    return fields.get("Requeue") == "1" and fields.get("JobState") not in FINAL_STATES
