@@ -418,25 +418,28 @@ def _print_placement(rank: int) -> None:
 
 
 def failed_nodes_message(job_id: str) -> str:
-    """For a job that ended without a result (NODE_FAIL, a killed batch shell): 'node node1 failed
-    (DOWN: Not responding)' for each node of the job that Slurm holds down, else ''."""
-    try:
-        proc = subprocess.run(["sacct", "-j", job_id.split("_")[0], "-X", "-n", "-P", "-o", "NodeList"],
-                              capture_output=True, text=True, timeout=30)
-        nodes = subprocess.run(["scontrol", "show", "hostnames", proc.stdout.strip().splitlines()[-1]],
-                               capture_output=True, text=True, timeout=30).stdout.split()
-    except (OSError, subprocess.TimeoutExpired, IndexError):
+    """For a job hit by a node failure: 'node node1 failed (DOWN*: Not responding)' for each node of
+    the job with a down event since the job started (Slurm's accounting keeps node events, so this
+    holds after the node came back), else ''."""
+    def run(*cmd: str) -> str:
+        try:
+            return subprocess.run(list(cmd), capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+
+    rows = [r.split("|") for r in run("sacct", "-j", job_id.split("_")[0], "-X", "-n", "-P", "-o",
+                                      "NodeList,Start,State").split()]
+    rows = [r for r in rows if len(r) == 3 and r[2] == "NODE_FAIL"]
+    if not rows:
         return ""
+    nodelist, started, _ = rows[-1]
     failed = []
-    for node in nodes:
-        info = subprocess.run(["scontrol", "-o", "show", "node", node], capture_output=True, text=True,
-                              timeout=30).stdout
-        fields = dict(f.split("=", 1) for f in info.split() if "=" in f)
-        state = fields.get("State", "")
-        if "DOWN" in state or "NOT_RESPONDING" in state or "*" in state:
-            reason = info.split("Reason=", 1)[1].split(" [")[0].strip() if "Reason=" in info else "not responding"
-            failed.append(f"node {node} failed ({state}: {reason})")
-    return "; ".join(failed)
+    for line in run("sacctmgr", "-n", "-P", "show", "event", f"nodes={nodelist}", f"start={started}",
+                    "format=NodeName,State,Reason").splitlines():
+        parts = line.split("|")
+        if len(parts) == 3 and parts[0] and "DOWN" in parts[1] and parts[0] not in {f.split()[1] for f in failed}:
+            failed.append(f"node {parts[0]} failed ({parts[1]}: {parts[2] or 'no reason given'})")
+    return "; ".join(failed) or f"a node of {nodelist} failed (NODE_FAIL)"
 
 
 def being_requeued(job_id: str, state: str) -> bool:
