@@ -108,12 +108,13 @@ def _run_point(entry: Callable[..., Any], job: Job) -> None:
 def run_here(entry: Callable[..., Any], job: Job) -> int:
     """Train `job` on this machine; the exit code (0, 2 for user errors, 75 after a stop signal, ...)."""
     from cluster.local import LaunchError, run_local
+    from cluster.rendezvous import HostSpec
 
     cluster = job.cluster
     try:
         run_local(entry, job.args, cluster["nproc_per_node"], run_id=job.name,
                   log_dir=os.path.join(job.run_dir, "logs"),
-                  shutdown_timeout_s=cluster["shutdown_grace_s"])
+                  shutdown_timeout_s=cluster["shutdown_grace_s"], hosts=HostSpec.from_cluster(cluster))
     except LaunchError as exc:
         if exc.exit_code == USER_ERROR_EXIT_CODE:
             pass  # the worker already printed its one-line error

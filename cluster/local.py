@@ -84,8 +84,15 @@ def run_local(
     run_id: str,
     log_dir: str | os.PathLike[str] | None = None,
     shutdown_timeout_s: int = 30,
+    hosts: Any = None,
 ) -> None:
     """Run entrypoint(*args) on nproc_per_node local processes; return when all have finished.
+
+    hosts: a cluster.rendezvous.HostSpec for a launch over several hosts, started once per host
+    like torchrun --nnodes/--node-rank/--master-addr/--master-port (torch's static rendezvous;
+    global rank = node_rank x nproc_per_node + local rank). Before it every host checks in
+    (cluster.rendezvous.join): a host that never arrives fails the others within join_timeout_s
+    with one line naming it; a bad address or a port in use fails with exit code 2.
 
     entrypoint must be a module-level function and args picklable (workers are spawned, so they
     import the function by name; the check is made for one process too, so a run that works with
@@ -112,7 +119,7 @@ def run_local(
             "call it under `if __name__ == \"__main__\":`"
         )
     _check_picklable(entrypoint, args)
-    if nproc_per_node == 1:
+    if nproc_per_node == 1 and hosts is None:
         _run_in_process(entrypoint, tuple(args))
     else:
         _run_elastic(
@@ -122,6 +129,7 @@ def run_local(
             run_id=run_id,
             log_dir=None if log_dir is None else str(log_dir),
             shutdown_timeout_s=shutdown_timeout_s,
+            hosts=hosts,
         )
 
 
@@ -162,6 +170,7 @@ def _run_elastic(
     run_id: str,
     log_dir: str | None,
     shutdown_timeout_s: int,
+    hosts: Any = None,
 ) -> None:
     # The agent makes <log_dir>/<run_id>_<random>/ from it: keep it one plain path component.
     run_id = re.sub(r"[^A-Za-z0-9_.-]", "_", run_id)
@@ -170,6 +179,7 @@ def _run_elastic(
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    rdzv, host_environ = _rendezvous_settings(hosts, nproc_per_node)
     children_before = set(multiprocessing.active_children())
     saved_handlers = _signal_handlers()
     started = time.time()
@@ -177,17 +187,14 @@ def _run_elastic(
         with (
             _scratch_dir(log_dir) as root,
             # torch elastic exports TORCHELASTIC_SIGNALS_TO_HANDLE into this process too.
-            _patched_environ({**_worker_environ(nproc_per_node), _SIGNALS_KEY: os.environ.get(_SIGNALS_KEY)}),
+            _patched_environ({**_worker_environ(nproc_per_node), **host_environ,
+                              _SIGNALS_KEY: os.environ.get(_SIGNALS_KEY)}),
             _quiet_duplicate_failure_log(),
         ):
             config = LaunchConfig(
-                min_nodes=1,
-                max_nodes=1,
                 nproc_per_node=nproc_per_node,
                 run_id=run_id,
-                rdzv_backend="c10d",
-                rdzv_endpoint=f"{LOCALHOST}:0",
-                local_addr=LOCALHOST,  # becomes the workers' MASTER_ADDR; no hostname lookup
+                **rdzv,
                 max_restarts=0,
                 start_method="spawn",
                 monitor_interval=0.1,
@@ -202,7 +209,8 @@ def _run_elastic(
             try:
                 elastic_launch(config, _worker_main)(entrypoint, args)
             except ChildFailedError as failed:
-                raise _launch_error(failed, root, run_id, started, log_dir) from None
+                raise _launch_error(failed, root, run_id, started, log_dir,
+                                    rank_offset=hosts.node_rank * nproc_per_node if hosts else 0) from None
             except SignalException as signalled:
                 if signalled.sigval == signal.SIGINT:
                     raise KeyboardInterrupt from None
@@ -216,6 +224,33 @@ def _run_elastic(
         # shutdown, or a KeyboardInterrupt before its handlers were installed, can cut it short.
         _kill_leftover_children(children_before)
         _restore_signal_handlers(saved_handlers)
+
+
+def _rendezvous_settings(hosts: Any, nproc_per_node: int) -> tuple[dict[str, Any], dict[str, str]]:
+    """LaunchConfig's rendezvous arguments and the workers' extra variables. One host: a c10d
+    rendezvous on 127.0.0.1 port 0 (torchrun --standalone). Several: every host checked in
+    (cluster/rendezvous.py), then torch's static rendezvous on master_addr:master_port, as torchrun
+    does with --node-rank. A host that cannot meet the others raises LaunchError (exit code 2
+    for bad input, printed here because launch.py prints nothing for 2; 1 for a missing host)."""
+    if hosts is None:
+        return {"min_nodes": 1, "max_nodes": 1, "rdzv_backend": "c10d", "rdzv_endpoint": f"{LOCALHOST}:0",
+                # becomes the workers' MASTER_ADDR; no hostname lookup
+                "local_addr": LOCALHOST}, {}
+    from cluster.rendezvous import RendezvousError, prepare_hosts
+
+    try:
+        environ = prepare_hosts(hosts)
+    except RendezvousError as exc:
+        if exc.user_error:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise LaunchError(str(exc), exit_code=2 if exc.user_error else 1) from None
+    first = hosts.node_rank * nproc_per_node
+    print(f"node_rank {hosts.node_rank} of {hosts.nnodes} on {socket.gethostname()}: ranks {first}-"
+          f"{first + nproc_per_node - 1}, rendezvous {hosts.master_addr}:{hosts.master_port} over "
+          f"{environ['GLOO_SOCKET_IFNAME']}", flush=True)
+    return {"min_nodes": hosts.nnodes, "max_nodes": hosts.nnodes, "rdzv_backend": "static",
+            "rdzv_endpoint": f"{hosts.master_addr}:{hosts.master_port}",
+            "rdzv_configs": {"rank": hosts.node_rank, "timeout": int(hosts.join_timeout_s)}}, environ
 
 
 def _worker_main(entrypoint: Callable[..., Any], args: tuple) -> None:
@@ -263,13 +298,13 @@ class _RecordedError:
 
 
 def _launch_error(
-    failed: Any, root: str, run_id: str, started: float, log_dir: str | None
+    failed: Any, root: str, run_id: str, started: float, log_dir: str | None, rank_offset: int = 0
 ) -> LaunchError:
     """Root cause: the rank the agent saw fail first. When that rank recorded an exception, the
     earliest error.json of the run wins instead (a rank that raised and then lingered in exit
     handlers can be overtaken by a peer whose collective broke because of it)."""
     rank, failure = failed.get_first_failure()
-    recorded = _recorded_errors(root, run_id, started)
+    recorded = _recorded_errors(root, run_id, started, rank_offset)
     by_rank = {error.rank: error for error in recorded}
 
     exitcode = int(failure.exitcode)
@@ -318,7 +353,7 @@ def _launch_error(
     )
 
 
-def _recorded_errors(root: str, run_id: str, started: float) -> list[_RecordedError]:
+def _recorded_errors(root: str, run_id: str, started: float, rank_offset: int = 0) -> list[_RecordedError]:
     errors = []
     # <root>/<run_id>_<random>/attempt_<n>/<local_rank>/error.json; a reused log_dir may hold
     # older runs with the same run_id, hence the time filter. One node: local rank == rank.
@@ -331,7 +366,7 @@ def _recorded_errors(root: str, run_id: str, started: float) -> list[_RecordedEr
         except (OSError, ValueError):
             continue
         errors.append(
-            _RecordedError(int(path.parent.name), _error_text(data), written_at)
+            _RecordedError(rank_offset + int(path.parent.name), _error_text(data), written_at)
         )
     return errors
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -82,8 +83,9 @@ def sbatch_parameters(cluster: Mapping[str, Any], job_name: str, setup: Sequence
         params["mem"] = f"{int(cluster['mem_gb'])}GB"
     if cluster.get("exclusive"):
         params["exclusive"] = True
-    # --requeue: this job may be requeued even where the cluster's JobRequeue default says no.
-    extra: dict[str, Any] = {"requeue": True}
+    # --requeue: this job may be requeued (preemption, node failure) even where the cluster's
+    # JobRequeue default says no; cluster.requeue=false asks for --no-requeue: such a job fails.
+    extra: dict[str, Any] = {"requeue": True} if cluster.get("requeue", True) else {"no_requeue": True}
     for option in cluster.get("extra_sbatch") or []:
         name, sep, value = option.lstrip("-").partition("=")
         extra[name.replace("-", "_")] = value if sep else True
@@ -141,7 +143,9 @@ def submit_array(fn: Callable[..., Any], args_list: Sequence[tuple], cluster: Ma
     folder = Path(folder).resolve()
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=int(cluster["max_requeues"]))
     executor.update_parameters(**sbatch_parameters(cluster, job_name, setup))
-    tasks = [SlurmTask(fn, tuple(args), requeue_exit_code, int(cluster["max_requeues"])) for args in args_list]
+    tasks = [SlurmTask(fn, tuple(args), requeue_exit_code, int(cluster["max_requeues"]),
+                       network_interface=cluster.get("network_interface"), requeue=cluster.get("requeue", True))
+             for args in args_list]
     try:
         if len(tasks) == 1:
             return [executor.submit(tasks[0])]
@@ -190,6 +194,9 @@ def exit_status(state: str, exit_code: str) -> int:
 
 def job_error(job) -> str:
     """The error submitit recorded for a failed job (rank 0's traceback's last line), or ''."""
+    down = failed_nodes_message(job.job_id)
+    if down:
+        return down  # a node failure: what the surviving ranks recorded is only its consequence
     path = job.paths.result_pickle
     if not path.exists():
         return ""
@@ -226,7 +233,7 @@ def wait(jobs: Sequence, poll_s: float = 2.0, stream: bool = True, out=None, err
             if state != last.get(i) and not stream:
                 print(f"job {job.job_id}: {state}", file=out, flush=True)
             last[i] = state
-            if state in FINAL_STATES:
+            if state in FINAL_STATES and not being_requeued(job.job_id, state):
                 results[i] = (state, code)
         if len(results) == len(jobs):
             break
@@ -270,30 +277,53 @@ def _last_error_line(text: str) -> str:
 # ----------------------------------------------------------------------------- inside the job
 
 
-def slurm_dist_env(environ: Optional[Mapping[str, str]] = None) -> dict[str, str]:
-    """The torch.distributed variables of this Slurm task, from Slurm's own environment."""
-    env = os.environ if environ is None else environ
-    try:
-        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
-        local_rank, job_id = int(env["SLURM_LOCALID"]), int(env["SLURM_JOB_ID"])
-    except KeyError as exc:
-        raise RuntimeError(f"not inside a Slurm task: {exc.args[0]} is not set") from None
-    nodes = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1)
-    if nodes == 1:
-        master = "127.0.0.1"  # every rank is on this node; no name resolution needed
-    else:
-        from orchestrator.compat import slurm_node_list
+def slurm_dist_env(network_interface: Optional[str] = None) -> dict[str, str]:
+    """The torch.distributed variables of this Slurm task, from Slurm's own environment.
 
-        master = slurm_node_list(env["SLURM_JOB_NODELIST"])[0]
-    return {
-        "RANK": str(rank),
-        "LOCAL_RANK": str(local_rank),
-        "WORLD_SIZE": str(world),
-        "LOCAL_WORLD_SIZE": str(max(1, world // nodes)),
-        "MASTER_ADDR": master,
-        # The same port on every rank without talking to each other, and the same after a requeue.
+    Ranks, sizes and the job's host names come from submitit's public TorchDistributedEnvironment
+    (not exported as is: it would also narrow CUDA_VISIBLE_DEVICES to one GPU, while the trainer
+    picks cuda:LOCAL_RANK). Two choices are ours, for multi-node jobs (cluster/rendezvous.py):
+    MASTER_ADDR is the first node's *address* (its name may resolve to loopback), and the port is
+    derived from the job id (the same on every rank and after a requeue without any exchange;
+    two jobs on the same nodes collide only if their ids differ by a multiple of _PORT_SPAN).
+    Returns the variables plus GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME on several nodes."""
+    if "SLURM_JOB_ID" not in os.environ or "SLURM_PROCID" not in os.environ:
+        raise RuntimeError("not inside a Slurm task: SLURM_JOB_ID / SLURM_PROCID are not set")
+    from submitit.helpers import TorchDistributedEnvironment
+
+    dist_env = TorchDistributedEnvironment()
+    job_id = int(os.environ["SLURM_JOB_ID"])
+    hostnames = _hostnames()
+    out = {
+        "RANK": str(dist_env.rank),
+        "LOCAL_RANK": str(dist_env.local_rank),
+        "WORLD_SIZE": str(dist_env.world_size),
+        "LOCAL_WORLD_SIZE": str(max(1, dist_env.local_world_size)),
         "MASTER_PORT": str(_PORT_BASE + job_id % _PORT_SPAN),
     }
+    if len(hostnames) <= 1:
+        out["MASTER_ADDR"] = "127.0.0.1"  # every rank is on this node; no name resolution needed
+        return out
+    from cluster.rendezvous import RendezvousError, interface_environ, is_loopback, resolve_host, route_source
+
+    master = resolve_host(hostnames[0])
+    if is_loopback(master):
+        if int(os.environ.get("SLURM_NODEID", "0")) != 0:
+            raise RendezvousError(f"node {hostnames[0]} (the job's first node) resolves to {master} on "
+                                  f"{socket.gethostname()}; fix: make node names resolve to their addresses on "
+                                  "the network the nodes share (/etc/hosts or DNS)", False)
+        # This is the first node and it calls itself loopback: its address is the one it would
+        # use to reach the second node.
+        master = route_source(resolve_host(hostnames[1]))
+    out["MASTER_ADDR"] = master
+    out.update(interface_environ(master, network_interface)[1])
+    return out
+
+
+def _hostnames() -> list[str]:
+    from submitit import JobEnvironment
+
+    return list(JobEnvironment().hostnames)
 
 
 def _job_id(env: Mapping[str, str]) -> str:
@@ -307,13 +337,16 @@ class SlurmTask:
     """What each Slurm task runs: sets the distributed environment, calls fn(*args), and turns a
     signal stop (exit `requeue_exit_code`) into a requeue of the job on rank 0."""
 
-    def __init__(self, fn: Callable[..., Any], args: tuple, requeue_exit_code: int, max_requeues: int):
+    def __init__(self, fn: Callable[..., Any], args: tuple, requeue_exit_code: int, max_requeues: int,
+                 network_interface: Optional[str] = None, requeue: bool = True):
         self.fn, self.args = fn, args
         self.requeue_exit_code, self.max_requeues = requeue_exit_code, max_requeues
+        self.network_interface, self.requeue = network_interface, requeue
 
     def __call__(self) -> None:
-        os.environ.update(slurm_dist_env())
+        os.environ.update(slurm_dist_env(self.network_interface))
         rank = int(os.environ["RANK"])
+        _print_placement(rank)
         try:
             self.fn(*self.args)
         except SystemExit as exc:
@@ -341,6 +374,11 @@ class SlurmTask:
         env = os.environ
         job_id = _job_id(env)
         restarts = int(env.get("SLURM_RESTART_COUNT") or 0)
+        if not self.requeue:
+            message = (f"job {job_id} stopped by a signal after a complete checkpoint; not requeued "
+                       "(cluster.requeue=false); fix: submit the same command again to resume from the checkpoint")
+            print(f"error: {message}", file=sys.stderr, flush=True)
+            raise RequeueLimitReached(message)
         if restarts >= self.max_requeues:
             # Not requeueable any more, so that a preemption in progress cancels instead.
             subprocess.run(["scontrol", "update", f"JobId={job_id}", "Requeue=0"], capture_output=True, timeout=60)
@@ -361,3 +399,55 @@ class SlurmTask:
                   file=sys.stderr, flush=True)
         sys.stdout.flush()
         sys.exit(self.requeue_exit_code)
+
+
+def _print_placement(rank: int) -> None:
+    """Rank 0's log (which the launcher streams) says which node holds which ranks and where they
+    meet; every rank's own log (<run dir>/slurm/<job>_<rank>_log.out) says where it runs."""
+    env = os.environ
+    iface = env.get("GLOO_SOCKET_IFNAME")
+    where = f"{env['MASTER_ADDR']}:{env['MASTER_PORT']}" + (f" over {iface}" if iface else "")
+    print(f"slurm: rank {rank} (local rank {env['LOCAL_RANK']}) on {socket.gethostname()}, rendezvous {where}",
+          flush=True)
+    if rank == 0 and env.get("SLURM_TASKS_PER_NODE"):
+        from cluster.rendezvous import expand_tasks_per_node, placement
+
+        hosts = _hostnames()
+        print(f"slurm: job {_job_id(env)}: {env['WORLD_SIZE']} ranks on {len(hosts)} node(s): "
+              f"{placement(hosts, expand_tasks_per_node(env['SLURM_TASKS_PER_NODE']))}", flush=True)
+
+
+def failed_nodes_message(job_id: str) -> str:
+    """For a job hit by a node failure: 'node node1 failed (DOWN*: Not responding)' for each node of
+    the job with a down event since the job started (Slurm's accounting keeps node events, so this
+    holds after the node came back), else ''."""
+    def run(*cmd: str) -> str:
+        try:
+            return subprocess.run(list(cmd), capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+
+    rows = [r.split("|") for r in run("sacct", "-j", job_id.split("_")[0], "-X", "-n", "-P", "-o",
+                                      "NodeList,Start,State").split()]
+    rows = [r for r in rows if len(r) == 3 and r[2] == "NODE_FAIL"]
+    if not rows:
+        return ""
+    nodelist, started, _ = rows[-1]
+    failed = []
+    for line in run("sacctmgr", "-n", "-P", "show", "event", f"nodes={nodelist}", f"start={started}",
+                    "format=NodeName,State,Reason").splitlines():
+        parts = line.split("|")
+        if len(parts) == 3 and parts[0] and "DOWN" in parts[1] and parts[0] not in {f.split()[1] for f in failed}:
+            failed.append(f"node {parts[0]} failed ({parts[1]}: {parts[2] or 'no reason given'})")
+    return "; ".join(failed) or f"a node of {nodelist} failed (NODE_FAIL)"
+
+
+def being_requeued(job_id: str, state: str) -> bool:
+    """True while Slurm requeues a job that accounting already shows ended: a node failure of a
+    requeueable job is recorded as NODE_FAIL, then the job goes back to PENDING (same id) and runs
+    again; a launcher that stopped following at NODE_FAIL would report a job that is not over."""
+    if state != "NODE_FAIL":
+        return False
+    info = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, timeout=30).stdout
+    fields = dict(f.split("=", 1) for f in info.split() if "=" in f)
+    return fields.get("Requeue") == "1" and fields.get("JobState") not in FINAL_STATES

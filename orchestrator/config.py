@@ -122,7 +122,16 @@ class ClusterConfig:
     wait: bool = doc("Slurm: stream rank 0's log until the job ends and exit with its status; false returns once submitted")
     dry_run: bool = doc("print what would run (for Slurm the sbatch script) and the resolved config; submit and start nothing")
     shutdown_grace_s: int = doc("local launcher: seconds the workers get to save and exit after a stop signal is forwarded, before they are killed")
-    collective_timeout_s: int = doc("seconds a collective waits for a rank that died or hangs before the job fails naming it (process group timeout)")
+    # Several hosts (cluster/rendezvous.py). Slurm finds ranks, the first node and a port itself;
+    # without Slurm these are torchrun's --node-rank, --master-addr, --master-port (and
+    # cluster.nodes is its --nnodes).
+    node_rank: int = doc("local launch over several hosts: this host's index in [0, cluster.nodes) (torchrun's --node-rank); node_rank 0 runs on master_addr and hosts the rendezvous. Slurm ignores it")
+    master_addr: Optional[str] = doc("local launch over several hosts: address of the node_rank 0 host, the same on every host (torchrun's --master-addr); null with cluster.nodes=1. Slurm uses the address of the job's first node")
+    master_port: int = doc("local launch over several hosts: TCP port of the rendezvous on master_addr, the same on every host (torchrun's --master-port). Slurm derives a port from the job id")
+    join_timeout_s: int = doc("seconds the hosts of a local multi-host launch wait for each other; then every host that came fails with one line naming the node ranks that did not")
+    network_interface: Optional[str] = doc("network interface gloo and NCCL use between hosts (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME); null: the interface routed to the rendezvous address (never loopback)")
+    requeue: bool = doc("Slurm: a job hit by preemption or a node failure is requeued (--requeue) and resumes from its last checkpoint; false: --no-requeue, it fails with a line naming the failed node")
+    collective_timeout_s: int = doc("seconds a collective may wait for a peer before the rank fails (the process group timeout); bounds how long the survivors of a dead node or rank hang")
 
 
 @dataclass

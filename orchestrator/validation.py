@@ -408,10 +408,17 @@ def _validate_cluster(c: ClusterConfig) -> None:
     _positive("cluster.nodes", c.nodes)
     _positive("cluster.gpus_per_node", c.gpus_per_node, 0)
     _positive("cluster.shutdown_grace_s", c.shutdown_grace_s, 1)
-    _positive("cluster.collective_timeout_s", c.collective_timeout_s, 1)
-    if c.kind == "local" and c.nodes != 1:
-        raise ConfigError("cluster.nodes", c.nodes, "a local run uses this one machine",
-                          "set cluster.nodes=1, or cluster=slurm to run on several nodes")
+    if c.kind == "local" and c.nodes != 1 and not c.master_addr:
+        raise ConfigError("cluster.nodes", c.nodes, "a local run over several hosts needs the address of the "
+                          "node_rank 0 host", "set cluster.master_addr (and cluster.node_rank on each host), "
+                          "cluster.nodes=1, or cluster=slurm")
+    if c.kind == "local" and not 0 <= c.node_rank < c.nodes:
+        raise ConfigError("cluster.node_rank", c.node_rank, f"outside [0, cluster.nodes={c.nodes})",
+                          f"give each of the {c.nodes} host(s) its own node_rank from 0 to {c.nodes - 1}")
+    if not 0 < c.master_port < 65536:
+        raise ConfigError("cluster.master_port", c.master_port, "is not a TCP port", "use a port in 1..65535")
+    _positive("cluster.join_timeout_s", c.join_timeout_s)
+    _positive("cluster.collective_timeout_s", c.collective_timeout_s)
     if c.gpus_per_node > c.nproc_per_node:
         raise ConfigError("cluster.gpus_per_node", c.gpus_per_node,
                           f"more GPUs per node than processes (cluster.nproc_per_node={c.nproc_per_node}); "
