@@ -466,15 +466,26 @@ class _DropAgentFailureTraceback(logging.Filter):
         )
 
 
+class _DropTerminatingPeers(logging.Filter):
+    """When one worker fails, torch's process context stops the others and warns "Terminating
+    process N via signal SIGTERM" for each one still alive (a race with their own exit): the
+    launcher's expected action, not news, and it would follow a user error's one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Terminating process")
+
+
 @contextlib.contextmanager
 def _quiet_duplicate_failure_log() -> Iterator[None]:
-    agent_logger = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
-    quiet = _DropAgentFailureTraceback()
-    agent_logger.addFilter(quiet)
+    quiet = {"torch.distributed.elastic.multiprocessing.api": _DropAgentFailureTraceback(),
+             "torch.multiprocessing.spawn": _DropTerminatingPeers()}
+    for name, flt in quiet.items():
+        logging.getLogger(name).addFilter(flt)
     try:
         yield
     finally:
-        agent_logger.removeFilter(quiet)
+        for name, flt in quiet.items():
+            logging.getLogger(name).removeFilter(flt)
 
 
 def _kill_leftover_children(children_before: set[Any]) -> None:

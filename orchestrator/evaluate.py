@@ -115,7 +115,7 @@ class SourceEvaluator:
         mode); usage_layers: the model's sparse layers (their usage counters are reset and read)."""
         import torch.distributed as dist
 
-        from orchestrator.train import expert_usage_stats
+        from orchestrator.engine.base import expert_usage_stats
 
         results = {}
         for name, val in self.batches.items():
