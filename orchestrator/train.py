@@ -238,9 +238,6 @@ class Trainer:
 
                     evaluate_for_training(self.source_evaluator, self.engine.deepspeed_engine, self.device,
                                           self.reporter, step)
-                if self.source_evaluator is not None:
-                    from orchestrator.evaluate import evaluate_for_training
-                    evaluate_for_training(self.source_evaluator, self.engine, self.device, self.reporter, step)
                 watch.lap()  # evaluation time is not training throughput
             every = c.checkpoint.every_steps
             if (every and step % every == 0) or final or result.stop:
