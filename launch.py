@@ -16,6 +16,7 @@ dry run, preflight, start or submission and waiting. Bad input: one line, exit 2
 
 import copy
 import importlib
+import itertools
 import logging
 import sys
 from pathlib import Path
@@ -28,7 +29,6 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from cluster.launchers import Job, LaunchRefused, SweepHooks, launcher_for
 from orchestrator import preflight, sweep
-from orchestrator.compat import sweep_points
 from orchestrator.config import TrainConfig, load_config, to_dict, validate
 from orchestrator.errors import USER_ERROR_EXIT_CODE, ConfigError, one_line_compose_error
 
@@ -129,6 +129,20 @@ def compose(argv: list[str]) -> tuple[list[tuple[list[str], object]], str | None
             for values, strings in generated[0]:
                 runs.append((own + strings, _set_keys(copy.deepcopy(cfg), values)))
     return runs, sweep_dir if is_sweep else None, {o.get_key_element().lstrip("+~") for o in parsed}
+
+
+def sweep_points(parsed) -> list[list[str]]:
+    """Every point of a sweep (-m) as one run's overrides, in the order Hydra's basic sweeper numbers
+    its jobs: the product of each key's values, keys in order of first mention (a repeated key keeps
+    its place, the last value wins). Hydra's public override API; intervals are refused."""
+    values: dict[str, list[str]] = {}
+    for o in parsed:
+        key = o.get_key_element()
+        if o.is_sweep_override() and not o.is_discrete_sweep():
+            raise HydraException(f"a sweep needs a list of values, not {o.value_type.name} ({key})")
+        values[key] = ([f"{key}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
+                       else [f"{key}={o.get_value_element_as_str()}"])
+    return [list(point) for point in itertools.product(*values.values())]
 
 
 def _set_keys(cfg, values: dict):

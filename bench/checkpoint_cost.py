@@ -31,15 +31,11 @@ MODELS = {
 
 
 def build(overrides: list[str], ckpt_dir: str):
-    from hydra import compose, initialize_config_dir
-
     import launch
     from model.lm import build_model
     from orchestrator.engine import build_engine
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = launch.to_train_config(compose(config_name="config", overrides=overrides + [
-            f"checkpoint.dir={ckpt_dir}", "checkpoint.keep_last=0"]))
+    cfg = launch.compose_train_config(overrides + [f"checkpoint.dir={ckpt_dir}", "checkpoint.keep_last=0"])
     import torch
 
     torch.manual_seed(0)

@@ -96,7 +96,7 @@ def sbatch_parameters(cluster: Mapping[str, Any], job_name: str, setup: Sequence
 def sbatch_script(cluster: Mapping[str, Any], job_name: str, folder: str | Path,
                   setup: Sequence[str] = (), array_size: Optional[int] = None) -> str:
     """The batch script submitit would submit (for dry runs and the pre-submission test)."""
-    from orchestrator.compat import SUBMITIT_ENTRY_MODULE, make_sbatch_string
+    from compat import SUBMITIT_ENTRY_MODULE, make_sbatch_string
 
     command = " ".join([shlex.quote(sys.executable), "-u -m", SUBMITIT_ENTRY_MODULE, shlex.quote(str(folder))])
     params = sbatch_parameters(cluster, job_name, setup)

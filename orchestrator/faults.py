@@ -2,7 +2,7 @@
 the one line it ends with names the rank that stopped.
 
 Every collective waits at most cluster.collective_timeout_s for its peers (the process groups'
-timeout, orchestrator/compat.py set_default_collective_timeout). Each rank records the last step
+timeout, compat.py set_default_collective_timeout). Each rank records the last step
 it finished in <run.dir>/heartbeat/rank_<N> (one small local write per step). When a collective
 times out, the ranks still alive read those records: the rank(s) behind the others are the ones
 that died or hang. The timed-out ranks then fail, and the launcher stops the rest (a hung rank

@@ -25,7 +25,7 @@ from orchestrator.checkpoint import CheckpointManager, abandon_checkpoints_after
 from orchestrator.config import TrainConfig, flatten, load_config, to_dict
 from orchestrator.errors import REQUEUE_EXIT_CODE, USER_ERROR_EXIT_CODE, ConfigError
 from orchestrator import faults
-from orchestrator.compat import set_default_collective_timeout
+from compat import set_default_collective_timeout
 from orchestrator.preflight import check_on_node
 from orchestrator.storage import redact
 from orchestrator.tracking import Reporter, Stopwatch

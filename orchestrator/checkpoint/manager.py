@@ -162,7 +162,7 @@ def safe_load(path: str, map_location=None) -> Any:
 def _install_safe_loader(engine) -> None:
     """DeepSpeed's TorchCheckpointEngine loads with weights_only=False; route its loads (model,
     optimizer, ZeRO partitions, MoE experts) through the weights-only unpickler instead."""
-    from orchestrator.compat import route_checkpoint_loads
+    from compat import route_checkpoint_loads
 
     route_checkpoint_loads(engine, safe_load)
 

@@ -77,7 +77,7 @@ def local_tensors(engine, with_values: bool = True) -> list[LocalTensor]:
     decls = declarations(module)
     zero = _zero_stage(engine)
     if zero > 0 and with_values:
-        from orchestrator.compat import zero_init_optimizer_states
+        from compat import zero_init_optimizer_states
 
         zero_init_optimizer_states(engine.optimizer)  # links every group's state (see there)
     out: list[LocalTensor] = []
@@ -121,7 +121,7 @@ def local_tensors(engine, with_values: bool = True) -> list[LocalTensor]:
 
 
 def _zero_param_groups(engine) -> list[list]:
-    from orchestrator.compat import zero_param_groups
+    from compat import zero_param_groups
 
     return zero_param_groups(engine.optimizer)
 
@@ -358,7 +358,7 @@ def apply_local_state(engine, values: list[tuple[LocalTensor, torch.Tensor]]) ->
         by_key.setdefault(f"model/{decls[name].name}", []).append(t)
     steps = []
     if zero > 0 and any(lt.state_key is not None for lt, _ in values):
-        from orchestrator.compat import zero_init_optimizer_states
+        from compat import zero_init_optimizer_states
 
         zero_init_optimizer_states(engine.optimizer)  # a fresh engine has no optimizer state yet
     with torch.no_grad():

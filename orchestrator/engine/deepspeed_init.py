@@ -13,7 +13,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from orchestrator.compat import expert_params_count_as_moe
+from compat import expert_params_count_as_moe
 from orchestrator.config import OptimConfig, TrainConfig
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from orchestrator.compat import run_before_model_step
+from compat import run_before_model_step
 from orchestrator.engine.base import Evaluation, StepResult, TrainEngine, expert_usage_stats, named_batch_sets
 from orchestrator.parallel.dims import ParallelDims
 
@@ -51,7 +51,7 @@ def build_pipeline_deepspeed(module: nn.Module, cfg, bf16: bool):
     import deepspeed
     from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
 
-    from orchestrator.compat import expert_params_count_as_moe
+    from compat import expert_params_count_as_moe
     from orchestrator.engine.deepspeed_init import lr_lambda, param_groups
 
     o = cfg.optim

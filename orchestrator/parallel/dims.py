@@ -101,7 +101,7 @@ class ParallelDims:
     def expert_groups(self):
         """(ep_group, edp_group) of this rank, created through DeepSpeed on first use (collective:
         every rank must call it). Needs torch.distributed initialised."""
-        from orchestrator.compat import expert_groups
+        from compat import expert_groups
 
         return expert_groups(self.ep, self.expert_group_name, mpu=None if self.tp == 1 and self.pp == 1 else self.grid())
 

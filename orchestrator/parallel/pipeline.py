@@ -47,7 +47,7 @@ from model.lm import Block, RMSNorm, TransformerLM
 from model.moe import MoEFeedForward
 from model.peer import PEER
 from model.pkm import PKM
-from orchestrator.compat import synchronize_tied_weights
+from compat import synchronize_tied_weights
 from orchestrator.parallel.dims import ParallelDims
 from orchestrator.parallel.shards import declare_child_names
 

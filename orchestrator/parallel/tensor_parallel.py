@@ -57,7 +57,7 @@ from model.lm import CausalSelfAttention, apply_rotary
 from model.mlp import DenseMLP
 from model.moe import MoEFeedForward
 from model.peer import PEER
-from orchestrator.compat import use_gloo_safe_token_gather
+from compat import use_gloo_safe_token_gather
 from orchestrator.parallel.expert_parallel import DimShardedPEER, mark_expert_param
 from orchestrator.parallel.shards import Piece, declare_tensor, slice_along
 

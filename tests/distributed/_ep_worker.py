@@ -108,26 +108,21 @@ def layer(dtype_name: str, uneven: bool) -> dict:
 
 def engine(zero_stage: int) -> dict:
     """A tiny PEER LM through parallelize + build_engine: count what this rank owns."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
     import deepspeed
+    from launch import compose_train_config
     from model.lm import build_model
     from model.peer import defer_expert_tables
-    from orchestrator.config import load_config
     from orchestrator.engine import build_engine
     from orchestrator.parallel.dims import ParallelDims
     from orchestrator.parallel.parallelize import expert_parameters, parallelize
 
     world = dist.get_world_size()
-    with initialize_config_dir(config_dir=os.path.abspath("conf"), version_base=None):
-        raw = compose("config", overrides=[
-            "model.d_model=64", "model.num_layers=2", "model.num_attention_heads=2", "model.max_seq_len=64",
-            "data.seq_len=64", "model.peer.num_experts=1024", "model.peer.num_heads=2", "model.peer.top_k=4",
-            "model.peer.d_key=32", f"cluster.nproc_per_node={world}", f"parallel.dp={world}",
-            f"parallel.ep={world}", f"parallel.zero_stage={zero_stage}", "trainer.micro_batch_size=2",
-            "trainer.eval_batches=2", "run.root=/tmp"])
-    cfg = load_config(OmegaConf.to_container(raw, resolve=True))
+    cfg = compose_train_config([
+        "model.d_model=64", "model.num_layers=2", "model.num_attention_heads=2", "model.max_seq_len=64",
+        "data.seq_len=64", "model.peer.num_experts=1024", "model.peer.num_heads=2", "model.peer.top_k=4",
+        "model.peer.d_key=32", f"cluster.nproc_per_node={world}", f"parallel.dp={world}",
+        f"parallel.ep={world}", f"parallel.zero_stage={zero_stage}", "trainer.micro_batch_size=2",
+        "trainer.eval_batches=2", "run.root=/tmp"], check_fit=False)
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     torch.manual_seed(0)
     dims = ParallelDims.from_config(cfg.parallel)

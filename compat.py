@@ -7,12 +7,14 @@ name still exists with the shape this code relies on: when a library changes und
 fails with the name of the function here, not a training run with an AttributeError.
 
 The versions these were written against are pinned exactly in pyproject.toml (deepspeed 0.19.8,
-hydra-core 1.3.8, submitit 1.5.4; torch 2.13.0 is installed first). Moving a pin: run
+submitit 1.5.4; torch 2.13.0 is installed first). Moving a pin: run
 `python -m pytest tests/unit/test_compat.py` with the new version first.
 
-This module imports no other project module, so launch.py, orchestrator/ and cluster/ may all
-import it (cluster/ imports nothing else from orchestrator/). Imports of the libraries are late:
-`import deepspeed` costs seconds and a launcher's `--help` or a Slurm submission needs none of it.
+A top-level module, not part of orchestrator/, because both orchestrator/ (DeepSpeed, torch) and
+cluster/ (submitit) need it and cluster/ imports nothing of orchestrator/ or model/. It imports no
+project module itself. Imports of the libraries are late: `import deepspeed` costs seconds and a
+launcher's `--help` or a Slurm submission needs none of it. Hydra needs nothing here: launch.py
+expands sweeps with Hydra's public override API.
 
 Not here, on purpose: the expert-parallel all-to-all with autograd
 (orchestrator/parallel/expert_parallel.py) is the project's own autograd function over the public
@@ -102,13 +104,6 @@ def expert_groups(ep: int, group_name: str, mpu=None) -> tuple[Any, Any]:
     return groups._get_expert_parallel_group(group_name), groups._get_expert_data_parallel_group(group_name)
 
 
-def expert_parallel_group(group_name: str):
-    """The expert-parallel group DeepSpeed made under `group_name` (see expert_groups)."""
-    from deepspeed.utils import groups
-
-    return groups._get_expert_parallel_group(group_name)
-
-
 def use_gloo_safe_token_gather() -> None:
     """DeepSpeed 0.19's MoE all-gathers the tp ranks' capacity slots (the private
     `deepspeed.moe.mappings._gather_tokens`) into a flat 1-D buffer with all_gather_into_tensor,
@@ -195,29 +190,6 @@ def make_sbatch_string(command: str, folder, **params) -> str:
 
     return _make_sbatch_string(command=command, folder=folder, **params)
 
-
-def slurm_node_list(nodelist: str) -> list[str]:
-    """Expand a Slurm node list (`node[1-3],gpu7`) into host names, as submitit does for its own
-    environment (private `_parse_node_list`); the alternative, `scontrol show hostnames`, needs
-    Slurm's client tools on every node and a process per call."""
-    from submitit.slurm.slurm import _parse_node_list
-
-    return _parse_node_list(nodelist)
-
-
-# ============================================================================= Hydra 1.3
-
-
-def sweep_points(parsed_overrides) -> list[list[str]]:
-    """Every point of a sweep (-m) as the overrides of one run, in the order Hydra's basic sweeper
-    numbers its jobs (hydra.job.num). The pre-check validates every point before any starts and
-    must number them as Hydra will; the expansion is a static method of the sweeper class, which
-    lives in `hydra._internal` (no public equivalent). Raises HydraException for a sweep the basic
-    sweeper does not support (e.g. an interval)."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-
-    batches = BasicSweeper.split_arguments(parsed_overrides, None)
-    return [list(point) for batch in batches for point in batch]
 
 # ============================================================================= torch 2.13
 
