@@ -155,7 +155,7 @@ def _peer_bwd_kernel(
 def _blocks(num_tokens: int, num_rows: int, d_model: int, on_gpu: bool) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_M, BLOCK_D). On GPU a [BLOCK_T, BLOCK_M, BLOCK_D] fp32 tile of about 8K
     values (64 registers a thread at 4 warps); under the interpreter few, large programs (its
-    cost grows with the number of programs, STACK.md)."""
+    cost grows with the number of programs, docs/platform.md)."""
     block_m = triton.next_power_of_2(num_rows)
     if on_gpu:
         block_d = min(triton.next_power_of_2(d_model), max(16, 8192 // block_m))

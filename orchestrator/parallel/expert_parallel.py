@@ -17,7 +17,7 @@ Per forward, with E ranks in the group, T_j tokens on rank j, c = d/E columns on
 Every exchange is `AllToAll` (autograd: the backward is the reverse exchange with swapped split
 sizes, so gradients of x, gates (hence keys and query nets), U and V flow exactly as in the
 unsharded layer). All use all_to_all_single with split sizes (gloo's list form fails on uneven
-sizes, STACK.md). No dense token x expert mask exists anywhere.
+sizes, docs/platform.md). No dense token x expert mask exists anywhere.
 
 Steps 3 and 5 run the fused kernels of model/kernels/ selected by the layer's `impl`, as the
 unsharded layer does: `gathered_dot` (partial dots of the local column slice of U) and

@@ -8,7 +8,7 @@
 # missing (root and apt-get needed), writes /etc/slurm/slurm.conf and slurmdbd.conf for this machine
 # (marked as ours; a slurm.conf that is not ours is never overwritten), and starts munged,
 # mariadbd, slurmdbd, slurmctld and slurmd by hand (there is no systemd). Settings that were
-# verified on this machine kind (shared STACK.md):
+# verified on this machine kind (docs/platform.md):
 #   - no cgroups: proctrack/linuxproc, task/none, jobacct_gather/none; select/cons_tres by CPU;
 #   - fast requeue: AuthInfo=cred_expire=5 and bf_interval=1,sched_interval=1 (else ~2 minutes);
 #   - partitions `low` (default, GraceTime=10) and `high`; a high job preempts a low one by

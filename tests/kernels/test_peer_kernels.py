@@ -14,7 +14,7 @@ Tolerances:
   tensor) is rounding, while any indexing or formula error is O(1).
 
 The Triton tests run on CPU under TRITON_INTERPRET=1 (set below, before triton is imported: triton
-decides at decoration time, STACK.md) with large blocks and tiny sizes so they stay fast.
+decides at decoration time, docs/platform.md) with large blocks and tiny sizes so they stay fast.
 """
 
 from __future__ import annotations

@@ -144,7 +144,7 @@ def test_total_params_match_built_model(name):
 
 
 def test_paper_scale_peer_layer():
-    """N = 1024^2, d = 1024: U and V hold 2.1 B parameters (DESIGN.md)."""
+    """N = 1024^2, d = 1024: U and V hold 2 x 1024^2 x 1024 = 2.1 B parameters."""
     peer = PeerConfig(num_experts=1024**2, num_heads=8, top_k=16, d_key=128, query_batchnorm=True,
                       activation="relu", impl="reference")
     cfg = config("peer", d_model=1024, num_attention_heads=8, d_ff=4096, peer=peer, max_seq_len=2048)

@@ -325,7 +325,7 @@ def test_block_returns_aux_only_for_moe():
 
 
 def test_importing_model_does_not_import_deepspeed():
-    """model/ is torch-only until an MoE layer is built (DESIGN.md import rules)."""
+    """model/ is torch-only until an MoE layer is built (the import rules in README.md, Layout)."""
     code = "import sys, model; assert 'deepspeed' not in sys.modules, 'deepspeed imported'"
     repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     result = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True)
