@@ -41,8 +41,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from orchestrator.checkpoint.portable import (ChunkReader, DamagedChunk, MissingTensor, ShapeMismatch, apply_local_state,
-                                              build_index, read_local_state, storage_range_reader, write_rank_file)
+from orchestrator.checkpoint.portable import build_index, write_rank_file
 from orchestrator.config import CheckpointConfig, flatten
 from orchestrator.errors import ConfigError
 from orchestrator.storage import Storage, redact
@@ -245,6 +244,12 @@ def _any(flag: bool) -> bool:
     return bool(t.item())
 
 
+def _json_safe(state: dict) -> dict:
+    """A scheduler's state_dict as JSON numbers (LambdaLR's lr_lambdas are None for functions)."""
+    return json.loads(json.dumps(state, default=lambda v: None))
+
+
+
 # ----------------------------------------------------------------------------- manager
 
 
@@ -400,8 +405,10 @@ class CheckpointManager:
             if saved == now and info.manifest.get("world_size") == _world():
                 loaded = self._try_load(engine, info)  # the same layout: DeepSpeed's own files, bitwise
             else:
-                self._check_reshardable(info, saved, now)
-                loaded = self._try_reshard(engine, info, saved, now)
+                from orchestrator.checkpoint.reshard import check_reshardable, reshard
+
+                check_reshardable(self, info, saved, now)
+                loaded = reshard(self, engine, info, saved, now)
             if loaded is not None:
                 return loaded
         return None
@@ -418,89 +425,6 @@ class CheckpointManager:
         from orchestrator.checkpoint.warm_start import init_from
 
         self.log(init_from(engine, self.cfg, self.log, _rank(), _gather))
-
-    def _check_reshardable(self, info: CheckpointInfo, saved: dict, now: dict) -> None:
-        if "portable" not in info.manifest:
-            raise ConfigError("checkpoint.dir", redact(self.cfg.dir),
-                              f"{info.tag} predates layout-free checkpoints and was written under "
-                              f"{describe_layout(saved)}; this run is {describe_layout(now)}",
-                              "resume it with its own parallel.* degrees and trainer batch settings once "
-                              "(the next save is portable)")
-        if global_batch(saved) != global_batch(now):
-            raise ConfigError("trainer.grad_accum_steps", now["grad_accum_steps"],
-                              f"{info.tag} was trained with a global batch of {global_batch(saved)} sequences "
-                              f"(micro_batch_size {saved['micro_batch_size']} x grad_accum_steps "
-                              f"{saved['grad_accum_steps']} x dp {saved['dp']}); this run's is {global_batch(now)} "
-                              f"(micro_batch_size {now['micro_batch_size']} x grad_accum_steps "
-                              f"{now['grad_accum_steps']} x dp {now['dp']})",
-                              "keep micro_batch_size x grad_accum_steps x dp equal to resume, or start a new run "
-                              "from it with checkpoint.init_from (a changed global batch changes the data order)")
-
-    def _try_reshard(self, engine, info: CheckpointInfo, saved: dict, now: dict) -> Optional[Loaded]:
-        """Load the portable state of `info` into this layout; None when a chunk is damaged."""
-        portable = info.manifest["portable"]
-        reader = ChunkReader(storage_range_reader(self.storage, info.tag))
-        problem, refusal = None, None
-        try:
-            values, _ = read_local_state(engine, portable, reader)
-        except DamagedChunk as exc:
-            problem = str(exc)
-        except (MissingTensor, ShapeMismatch) as exc:
-            refusal = f"{type(exc).__name__}: {exc}"
-        rank = _rank()
-        old_rank = min(rank, saved["world_size"] - 1)  # RNG: rank r takes old rank r's (see docs)
-        rng = None
-        if problem is None and refusal is None:
-            try:
-                rng = self._read_rank_file(info, old_rank).get("rng")
-            except DamagedChunk as exc:
-                problem = str(exc)
-        problems, refusals = zip(*_gather((problem, refusal)))
-        if any(refusals):
-            raise ConfigError("checkpoint.dir", redact(self.cfg.dir),
-                              f"{info.tag} does not fit this model ({next(r for r in refusals if r)})",
-                              "resume with the model config that wrote it, or start fresh with "
-                              "checkpoint.resume=false or another run.name")
-        if any(problems):
-            if rank == 0:
-                self.log(f"checkpoint: {info.tag} in {self.storage.display()} is damaged "
-                         f"({next(p for p in problems if p)}); falling back to the previous complete checkpoint")
-            return None
-        apply_local_state(engine, values)
-        _test_resave(engine, info)
-        if engine.lr_scheduler is not None and portable.get("scheduler"):
-            engine.lr_scheduler.load_state_dict(_per_group(portable["scheduler"], len(engine.optimizer.param_groups)))
-            for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
-                group["lr"] = lr
-        train_state = portable.get("train_state") or {}
-        if hasattr(engine, "global_steps") and "step" in train_state:
-            engine.global_steps = int(train_state["step"])  # DeepSpeed's own step counter
-        if rng is not None:
-            set_rng_state(rng)
-        read = _gather(reader.bytes_read)
-        total = sum(rec["end"] - rec["begin"] for entry in portable["tensors"].values() for rec in entry["chunks"])
-        line = (f"resharded {info.tag} from {describe_layout(saved)} to {describe_layout(now)}; "
-                f"bytes read per rank {min(read):,}-{max(read):,} of {total:,} (tensor bytes of the checkpoint)")
-        if rank == 0:
-            self.log(line)
-        client_state = portable.get("client_state") or {"train_state": train_state,
-                                                         "mlflow_run_id": portable.get("mlflow_run_id")}
-        return Loaded(info, client_state, {"data": portable.get("data") or {}, "extra": {}}, resharded=line)
-
-    def _read_rank_file(self, info: CheckpointInfo, rank: int) -> dict:
-        """Another layout's rank file (RNG states), checked against the manifest."""
-        import io
-
-        name = rank_file(rank)
-        rec = info.manifest["files"].get(name)
-        try:
-            data = self.storage.read_bytes(f"{info.tag}/{name}")
-        except OSError as exc:
-            raise DamagedChunk(f"{name}: {type(exc).__name__}: {exc}") from None
-        if rec is None or len(data) != rec["size"] or hashlib.sha256(data).hexdigest() != rec["sha256"]:
-            raise DamagedChunk(f"{name}: differs from the manifest")
-        with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
     def _try_load(self, engine, info: CheckpointInfo) -> Optional[Loaded]:
         rank = _rank()
@@ -559,71 +483,3 @@ class CheckpointManager:
         return Loaded(info, client_state, rank_state)
 
 
-def _per_group(scheduler_state: dict, num_groups: int) -> dict:
-    """A scheduler state with one entry per optimizer group of this layout: expert parallelism
-    splits each group in two (expert parameters apart), so the number of groups depends on the
-    layout. Every group has the same base LR and factor here (orchestrator/engine.py), so the
-    per-group lists are the first group's value repeated."""
-    out = dict(scheduler_state)
-    for key in ("base_lrs", "_last_lr", "lr_lambdas"):
-        if isinstance(out.get(key), list) and out[key]:
-            out[key] = [out[key][0]] * num_groups
-    return out
-
-
-def _json_safe(state: dict) -> dict:
-    """A scheduler's state_dict as JSON numbers (LambdaLR's lr_lambdas are None for functions)."""
-    return json.loads(json.dumps(state, default=lambda v: None))
-
-
-def _test_resave(engine, info: CheckpointInfo) -> None:
-    """Test hook: PEERLAB_TEST_RESAVE_AFTER_RESHARD=<local dir> writes the portable state of this
-    layout right after resharding (a step directory with only the portable part), so a test can
-    compare the gathered state with the saved one. Never set in real runs."""
-    target = os.environ.get("PEERLAB_TEST_RESAVE_AFTER_RESHARD")
-    if not target:
-        return
-    os.makedirs(target, exist_ok=True)
-    records = _gather(write_rank_file(engine, target, _rank(), _gather))
-    if _rank() == 0:
-        manifest = {"step": info.step, "config": info.manifest.get("config", {}), "portable": build_index(records)}
-        with open(os.path.join(target, MANIFEST), "w", encoding="utf-8") as f:
-            json.dump(manifest, f)
-    _barrier()
-
-
-# ----------------------------------------------------------------------------- rollback
-
-
-ABANDONED = "abandoned"
-
-
-def abandon_checkpoints_after(manager: "CheckpointManager", step: int) -> Optional[str]:
-    """Move every complete checkpoint newer than `step` (the step this run starts from) to
-    `abandoned/<time>-after-step_N/` in the checkpoint directory, so that a run that rolled back
-    (checkpoint.load_step, a damaged newest checkpoint, checkpoint.resume=false) trains a new
-    branch: its saves write their own step directories, and the old branch's later checkpoints
-    never win a later "resume latest". Nothing is deleted. Collective; returns rank 0's one-line
-    report (None when nothing was newer). Local moves are renames; remote ones copy and delete."""
-    message = None
-    if _rank() == 0:
-        newer = [name for name in manager.storage.list_dirs()
-                 if (step_of(name) or 0) > step and manager.storage.exists(f"{name}/{MANIFEST}")]
-        if newer:
-            target = f"{ABANDONED}/{time.strftime('%Y%m%dT%H%M%S')}-after-{tag_for_step(step)}"
-            for name in sorted(newer, key=step_of, reverse=True):  # newest first
-                _move_tree(manager.storage, name, f"{target}/{name}")
-            message = (f"checkpoint: starting from step {step}, older than the newest checkpoint: moved "
-                       f"{', '.join(sorted(newer))} of the abandoned branch to {manager.storage.display(target)} "
-                       f"(delete it when no longer needed)")
-    _barrier()
-    return _broadcast(message)
-
-
-def _move_tree(storage: Storage, rel: str, new_rel: str) -> None:
-    if storage.local:
-        os.makedirs(os.path.dirname(storage.path(new_rel)), exist_ok=True)
-        os.replace(storage.path(rel), storage.path(new_rel))
-    else:
-        storage.fs.mv(storage.path(rel), storage.path(new_rel), recursive=True)
-        storage.fs.invalidate_cache()

@@ -128,6 +128,31 @@ def test_deepspeed_hooks_work_on_a_real_engine(tmp_path):
     assert result["gather_replaced"] and result["gather_world1_identity"]
 
 
+# ----------------------------------------------------------------------------- DeepSpeed: ZeRO state per parameter
+# (compat.zero_param_groups, compat.zero_init_optimizer_states; their behaviour is checked end to end
+# under ZeRO-1 by tests/e2e/test_layout_change.py)
+
+
+def test_zero_optimizer_keeps_its_groups_and_fp32_partitions_under_these_names():
+    import inspect
+
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    source = inspect.getsource(DeepSpeedZeroOptimizer.__init__)
+    assert "self.bit16_groups" in source and "self.single_partition_of_fp32_groups" in source, \
+        "zero_param_groups / zero_init_optimizer_states: ZeRO's group attributes were renamed"
+
+
+def test_lazy_optimizer_state_linking_takes_params_partition_and_state():
+    import inspect
+
+    from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
+
+    assert list(inspect.signature(lazy_init_hp_params_optimizer_state).parameters) == [
+        "lp_param_list", "flat_hp_partition", "optimizer_state"], \
+        "zero_init_optimizer_states: lazy_init_hp_params_optimizer_state changed its signature"
+
+
 # ----------------------------------------------------------------------------- submitit
 
 
