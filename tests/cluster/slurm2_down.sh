@@ -5,6 +5,7 @@
 #   sudo tests/cluster/slurm2_down.sh          # everything
 #   sudo tests/cluster/slurm2_down.sh kill 1   # a node failure: SIGKILL every process of node1
 set -uo pipefail
+. "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/_slurm_lib.sh"  # stop, slurm_common_conf
 
 STATE=${PEERLAB_SLURM2_STATE:-/var/lib/peerlab-slurm2}
 export SLURM_CONF=$STATE/etc/slurm.conf
@@ -26,18 +27,6 @@ fi
 
 [ -f "$SLURM_CONF" ] && scancel --quiet --full -u root >/dev/null 2>&1 || true
 
-stop() {  # stop <pid file> <name>: TERM, wait up to 10 s, then KILL
-    local file=$1 name=$2 pid
-    [ -f "$file" ] || return 0
-    pid=$(cat "$file")
-    if kill -0 "$pid" 2>/dev/null; then
-        kill -TERM "$pid" 2>/dev/null
-        for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null
-        echo "slurm2_down: stopped $name ($pid)"
-    fi
-    rm -f "$file"
-}
 
 for n in 1 2; do kill_node "$n"; done
 stop "$STATE/run/slurmctld.pid" slurmctld

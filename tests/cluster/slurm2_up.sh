@@ -17,6 +17,7 @@
 # Run again after a node was killed: it restarts the missing slurmd (and nothing else).
 # Exit codes: 0 up, 3 cannot run here (the message says why), 1 failed.
 set -euo pipefail
+. "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/_slurm_lib.sh"  # stop, slurm_common_conf
 
 STATE=${PEERLAB_SLURM2_STATE:-/var/lib/peerlab-slurm2}
 NET=10.250.77
@@ -107,19 +108,8 @@ SlurmctldPidFile=$STATE/run/slurmctld.pid
 SlurmdPidFile=$STATE/run/slurmd.%n.pid
 SlurmctldLogFile=$STATE/log/slurmctld.log
 SlurmdLogFile=$STATE/log/slurmd.%n.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-SchedulerType=sched/backfill
-SchedulerParameters=bf_interval=1,sched_interval=1
-PreemptType=preempt/partition_prio
-PreemptMode=REQUEUE
-SlurmctldParameters=preempt_send_user_signal
+$(slurm_common_conf)
 SlurmdParameters=config_overrides
-JobRequeue=1
-ReturnToService=2
 SlurmdTimeout=6
 MessageTimeout=5
 KillWait=5

@@ -19,6 +19,7 @@
 # /var/lib/peerlab-slurm); it persists so job ids keep increasing and sacct never sees an old job
 # under a new job's id. Exit codes: 0 up, 3 cannot run here (the message says why), 1 failed.
 set -euo pipefail
+. "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/_slurm_lib.sh"  # stop, slurm_common_conf
 
 STATE=${PEERLAB_SLURM_STATE:-/var/lib/peerlab-slurm}
 MARK="# peer-lab test cluster (tests/cluster/slurm_up.sh)"
@@ -70,18 +71,7 @@ SlurmctldPidFile=$STATE/slurmctld.pid
 SlurmdPidFile=$STATE/slurmd.pid
 SlurmctldLogFile=$STATE/log/slurmctld.log
 SlurmdLogFile=$STATE/log/slurmd.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-SchedulerType=sched/backfill
-SchedulerParameters=bf_interval=1,sched_interval=1
-PreemptType=preempt/partition_prio
-PreemptMode=REQUEUE
-SlurmctldParameters=preempt_send_user_signal
-JobRequeue=1
-ReturnToService=2
+$(slurm_common_conf)
 KillWait=10
 MinJobAge=300
 InactiveLimit=0
