@@ -126,15 +126,13 @@ def continue_schedule(schedule: LRSchedule, optim: OptimConfig, max_steps: int, 
     return None
 
 
-def build_engine(model: nn.Module, cfg: TrainConfig, bf16: bool, mpu=None):
-    """deepspeed.initialize with our optimizer and schedule; returns (engine, scheduler).
-
-    mpu: the layout's process groups (ParallelDims.grid()) when tp > 1. DeepSpeed then reduces
-    gradients and partitions ZeRO state over the data-parallel group only, names its files per
-    tp rank (mp_rank_XX), and its gradient norm counts tp-sharded parameters (marked
-    `tensor_model_parallel`) on every tp rank and replicated ones once."""
+def initialize(model: nn.Module, cfg: TrainConfig, ds_config: dict, mpu=None):
+    """deepspeed.initialize with our optimizer (orchestrator/optim.py: fused AdamW at ZeRO 0) and LR
+    schedule, for the plain and the pipeline engine alike; returns (engine, scheduler)."""
     import deepspeed
     from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
+
+    from orchestrator.optim import build_optimizer
 
     o = cfg.optim
     groups = param_groups(model, o.weight_decay)
@@ -142,13 +140,22 @@ def build_engine(model: nn.Module, cfg: TrainConfig, bf16: bool, mpu=None):
         # ZeRO reduces and partitions expert parameters over the expert-data-parallel group only;
         # it finds them through param groups marked 'moe'.
         groups = split_params_into_different_moe_groups_for_optimizer(groups)
-    from orchestrator.optim import build_optimizer
-
-    optimizer = build_optimizer(groups, o, cfg.parallel.zero_stage)  # orchestrator/optim.py: fused AdamW at ZeRO 0
+    optimizer = build_optimizer(groups, o, cfg.parallel.zero_stage)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o, cfg.trainer.max_steps))
     with expert_params_count_as_moe(model):
         engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                       config=deepspeed_config(cfg, bf16), mpu=mpu)
+                                                       config=ds_config, mpu=mpu)
+    return engine, scheduler
+
+
+def build_engine(model: nn.Module, cfg: TrainConfig, bf16: bool, mpu=None):
+    """deepspeed.initialize with our optimizer and schedule; returns (engine, scheduler).
+
+    mpu: the layout's process groups (ParallelDims.grid()) when tp > 1. DeepSpeed then reduces
+    gradients and partitions ZeRO state over the data-parallel group only, names its files per
+    tp rank (mp_rank_XX), and its gradient norm counts tp-sharded parameters (marked
+    `tensor_model_parallel`) on every tp rank and replicated ones once."""
+    engine, scheduler = initialize(model, cfg, deepspeed_config(cfg, bf16), mpu=mpu)
     if cfg.parallel.dp == 1 and cfg.parallel.zero_stage == 0:
         # No data-parallel peer: DeepSpeed's all-reduce would only flatten and copy every gradient
         # twice. Not under ZeRO, whose reduce_gradients also fills its partitioned gradient buffers.

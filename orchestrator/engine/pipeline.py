@@ -48,23 +48,9 @@ def pipeline_deepspeed_config(cfg, bf16: bool) -> dict:
 def build_pipeline_deepspeed(module: nn.Module, cfg, bf16: bool):
     """deepspeed.initialize for a PipelineModule (DeepSpeed takes the module's own grid as mpu);
     returns (engine, scheduler)."""
-    import deepspeed
-    from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
+    from orchestrator.engine.deepspeed_init import initialize
 
-    from compat import expert_params_count_as_moe
-    from orchestrator.engine.deepspeed_init import lr_lambda, param_groups
-
-    o = cfg.optim
-    groups = param_groups(module, o.weight_decay)
-    if any(is_moe_param(p) for p in module.parameters()):
-        groups = split_params_into_different_moe_groups_for_optimizer(groups)
-    from orchestrator.optim import build_optimizer
-
-    optimizer = build_optimizer(groups, o, cfg.parallel.zero_stage)  # orchestrator/optim.py: fused AdamW at ZeRO 0
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o, cfg.trainer.max_steps))
-    with expert_params_count_as_moe(module):
-        engine, _, _, scheduler = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
-                                                       config=pipeline_deepspeed_config(cfg, bf16))
+    engine, scheduler = initialize(module, cfg, pipeline_deepspeed_config(cfg, bf16))
     if cfg.parallel.zero_stage == 1:
         _sum_zero_norm_over_stages(engine)
     return engine, scheduler
