@@ -35,3 +35,22 @@ def train_losses(run_dir: Path) -> dict[int, float]:
 
 def describe(proc: subprocess.CompletedProcess) -> str:
     return f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+
+
+def saved_activation_bytes(model, inputs, targets):
+    """(bytes of the tensors autograd keeps for the backward of model(inputs, targets), the output):
+    every saved tensor's storage counted once, the model's own parameters left out."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(inputs, targets)
+    return sum(seen.values()), out

@@ -11,6 +11,7 @@ import torch
 
 from model.config import ModelConfig, PeerConfig, PKMConfig, MoEConfig
 from model.lm import build_model
+from tests.helpers import saved_activation_bytes
 
 
 def tiny(ffn: str) -> ModelConfig:
@@ -73,21 +74,6 @@ def test_recompute_would_update_batchnorm_twice_without_the_freeze():
     assert int(block.ffn.query_norm.num_batches_tracked) == 1
 
 
-def _saved_bytes(model, tokens) -> int:
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(tokens, tokens)
-    return sum(seen.values())
-
-
 def test_checkpointing_keeps_fewer_bytes_for_the_backward():
     tokens = torch.randint(0, 257, (4, 64))
     kept = {}
@@ -95,5 +81,5 @@ def test_checkpointing_keeps_fewer_bytes_for_the_backward():
         torch.manual_seed(0)
         model = build_model(dataclasses.replace(tiny("peer"), sparse_layers=[0, 1, 2]))
         model.set_activation_checkpointing(mode)
-        kept[mode] = _saved_bytes(model, tokens)
+        kept[mode] = saved_activation_bytes(model, tokens, tokens)[0]
     assert kept["blocks"] < kept["sparse"] < kept["none"]

@@ -14,6 +14,7 @@ from launch import compose_train_config
 from orchestrator.errors import ConfigError
 from orchestrator.parallel.expert_parallel import bytes_per_token
 from orchestrator import plan as planner
+from tests.helpers import saved_activation_bytes
 
 TINY = ["model.d_model=64", "model.num_layers=2", "model.num_attention_heads=2", "model.d_ff=128",
         "model.max_seq_len=64", "data.seq_len=64", "model.peer.num_experts=1024", "model.peer.num_heads=2",
@@ -76,18 +77,8 @@ def test_activation_bytes_equal_what_autograd_keeps(ffn):
     torch.manual_seed(0)
     model = _built(c)
     tokens = torch.randint(0, 257, (4, 64))
-    params = {t.untyped_storage().data_ptr() for t in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(tokens, tokens)
-    measured = sum(seen.values()) + out.logits.numel() * 4  # the logits the caller holds too
+    saved, out = saved_activation_bytes(model, tokens, tokens)
+    measured = saved + out.logits.numel() * 4  # the logits the caller holds too
     # Within 1%: BatchNorm's per-feature mean and inverse std (per batch, not per token) and the
     # loss scalar are left out of the per-token formula.
     assert p.memory["activations"] == pytest.approx(measured, rel=0.01)
