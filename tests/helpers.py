@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -54,3 +55,40 @@ def saved_activation_bytes(model, inputs, targets):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = model(inputs, targets)
     return sum(seen.values()), out
+
+
+def until_up(fn, timeout_s: float = 30.0):
+    """fn() once it stops raising (a server still starting), or its last exception after timeout_s."""
+    import time
+
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            return fn()
+        except Exception:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.3)
+
+
+@contextlib.contextmanager
+def moto_server(extra_env: dict | None = None):
+    """A real S3 (and IAM) API: moto's server on 127.0.0.1 on a free port; yields its endpoint URL.
+    Skips the test where moto's server is not installed."""
+    import shutil
+
+    import pytest
+
+    from cluster.local import free_port
+
+    if not shutil.which("moto_server"):
+        pytest.skip("moto_server is not installed (pip install 'moto[server]')")
+    port = free_port()
+    server = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)],
+                              env={**os.environ, **(extra_env or {})},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

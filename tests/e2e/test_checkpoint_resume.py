@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, TINY, describe, launch, read_metrics
+from tests.helpers import ROOT, TINY, describe, launch, moto_server, read_metrics, until_up
 
 pytestmark = pytest.mark.slow
 
@@ -201,33 +200,14 @@ def test_external_sigterm_saves_and_exits_75(tmp_path, data_cache):
 def s3(tmp_path):
     """A real S3 API: moto's server on 127.0.0.1, with a bucket made by the test."""
     pytest.importorskip("s3fs")
-    if not shutil.which("moto_server"):
-        pytest.skip("moto_server is not installed (pip install 'moto[server]')")
-    from cluster.local import free_port
+    import s3fs
 
-    port = free_port()
-    server = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {"AWS_ACCESS_KEY_ID": "test-key-id", "AWS_SECRET_ACCESS_KEY": "sup3r-s3cret-value",
-           "AWS_DEFAULT_REGION": "us-east-1", "FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    try:
-        import s3fs
-
-        deadline = time.time() + 30
-        while True:
-            try:
-                fs = s3fs.S3FileSystem(key=env["AWS_ACCESS_KEY_ID"], secret=env["AWS_SECRET_ACCESS_KEY"],
-                                       endpoint_url=env["FSSPEC_S3_ENDPOINT_URL"])
-                fs.mkdir("ckpt-bucket")
-                break
-            except Exception:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.3)
+    with moto_server() as endpoint:
+        env = {"AWS_ACCESS_KEY_ID": "test-key-id", "AWS_SECRET_ACCESS_KEY": "sup3r-s3cret-value",
+               "AWS_DEFAULT_REGION": "us-east-1", "FSSPEC_S3_ENDPOINT_URL": endpoint}
+        fs = s3fs.S3FileSystem(key=env["AWS_ACCESS_KEY_ID"], secret=env["AWS_SECRET_ACCESS_KEY"], endpoint_url=endpoint)
+        until_up(lambda: fs.mkdir("ckpt-bucket"))
         yield env, fs
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
 
 
 def test_s3_round_trip_and_resume(tmp_path, data_cache, reference, s3):

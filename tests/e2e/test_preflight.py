@@ -5,27 +5,17 @@ open and one with IAM authorisation enforced) and an unused loopback port for "u
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from cluster.local import free_port
+from tests.helpers import moto_server, until_up
 
 ROOT = Path(__file__).resolve().parents[2]
 REGION = "us-east-1"
-
-
-def _moto(extra_env: dict | None = None):
-    if not shutil.which("moto_server"):
-        pytest.skip("moto_server is not installed (pip install 'moto[server]')")
-    port = free_port()
-    server = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)], env={**os.environ, **(extra_env or {})},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return server, f"http://127.0.0.1:{port}"
 
 
 def _client(service: str, endpoint: str, key: str = "test-key-id", secret: str = "test-secret"):
@@ -35,36 +25,19 @@ def _client(service: str, endpoint: str, key: str = "test-key-id", secret: str =
                         region_name=REGION)
 
 
-def _until_up(fn):
-    deadline = time.time() + 30
-    while True:
-        try:
-            return fn()
-        except Exception:
-            if time.time() > deadline:
-                raise
-            time.sleep(0.3)
-
-
 @pytest.fixture(scope="module")
 def stores():
     """An open S3 API with bucket `ckpt-bucket`, and one that enforces IAM where the bucket `locked`
     exists and the key of a user without any policy is refused."""
     pytest.importorskip("s3fs")
-    open_server, open_url = _moto()
     # The first 3 requests run unauthenticated (make the bucket, the user, its key); then IAM applies.
-    locked_server, locked_url = _moto({"INITIAL_NO_AUTH_ACTION_COUNT": "3"})
-    try:
-        _until_up(lambda: _client("s3", open_url).create_bucket(Bucket="ckpt-bucket"))
-        _until_up(lambda: _client("s3", locked_url).create_bucket(Bucket="locked"))
+    with moto_server() as open_url, moto_server({"INITIAL_NO_AUTH_ACTION_COUNT": "3"}) as locked_url:
+        until_up(lambda: _client("s3", open_url).create_bucket(Bucket="ckpt-bucket"))
+        until_up(lambda: _client("s3", locked_url).create_bucket(Bucket="locked"))
         iam = _client("iam", locked_url)
         iam.create_user(UserName="nobody")
         key = iam.create_access_key(UserName="nobody")["AccessKey"]
         yield {"open": open_url, "locked": locked_url, "nobody": (key["AccessKeyId"], key["SecretAccessKey"])}
-    finally:
-        for server in (open_server, locked_server):
-            server.terminate()
-            server.wait(timeout=10)
 
 
 def _launch(tmp_path: Path, args: list[str], env: dict) -> subprocess.CompletedProcess:

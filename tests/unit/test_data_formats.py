@@ -19,7 +19,7 @@ from orchestrator.data import check_mixture, prepare_corpus
 from orchestrator.data import sources as sources_mod
 from orchestrator.errors import ConfigError
 from orchestrator.tokenizer import ByteTokenizer
-from tests.helpers import ROOT
+from tests.helpers import ROOT, moto_server, until_up
 
 BYTES = ByteTokenizer()
 # Unicode, newlines inside a document, quotes, and an empty record (skipped in every format).
@@ -171,45 +171,23 @@ def test_shard_boundaries_are_invisible_to_windows(tmp_path):
 @pytest.mark.slow
 def test_s3_source_through_motos_server(tmp_path, reference, monkeypatch):
     pytest.importorskip("s3fs")
-    import shutil
-    import time
-
-    if not shutil.which("moto_server"):
-        pytest.skip("moto_server is not installed (pip install 'moto[server]')")
     import fsspec
     import s3fs
 
-    from cluster.local import free_port
-
-    port = free_port()
-    server = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        endpoint = f"http://127.0.0.1:{port}"
+    with moto_server() as endpoint:
         for k, v in {"AWS_ACCESS_KEY_ID": "test-key-id", "AWS_SECRET_ACCESS_KEY": "sup3r-s3cret-value",
                      "AWS_DEFAULT_REGION": "us-east-1"}.items():
             monkeypatch.setenv(k, v)
         monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": endpoint})
         s3fs.S3FileSystem.clear_instance_cache()
-        deadline = time.time() + 30
-        while True:
-            try:
-                fs = s3fs.S3FileSystem(endpoint_url=endpoint)
-                fs.mkdir("corpus-bucket")
-                break
-            except Exception:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.3)
+        fs = s3fs.S3FileSystem(endpoint_url=endpoint)
+        until_up(lambda: fs.mkdir("corpus-bucket"))
         fs.pipe("corpus-bucket/web/part-0.jsonl", _jsonl_bytes(DOCS))
         corpus = prepare_corpus(_cfg("s3://corpus-bucket/web", tmp_path / "cache"), BYTES)
         assert _tokens(corpus) == reference and corpus.meta["location"] == "s3://corpus-bucket/web"
         with pytest.raises(ConfigError, match="no such file"):
             prepare_corpus(_cfg("s3://corpus-bucket/nothing-here", tmp_path / "cache"), BYTES)
-    finally:
-        s3fs.S3FileSystem.clear_instance_cache()
-        server.terminate()
-        server.wait(timeout=10)
+    s3fs.S3FileSystem.clear_instance_cache()
 
 
 # ----------------------------------------------------------------------------- bad input
