@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from orchestrator.checkpoint import CheckpointManager, abandon_checkpoints_after, test_kill_point
+from orchestrator.checkpoint import CheckpointManager, CheckpointSaveError, abandon_checkpoints_after, test_kill_point
 from orchestrator.config import TrainConfig, flatten, load_config, to_dict
 from orchestrator.errors import REQUEUE_EXIT_CODE, USER_ERROR_EXIT_CODE, ConfigError
 from orchestrator import faults
@@ -41,6 +41,11 @@ def train_main(cfg_dict: dict) -> None:
         if int(os.environ.get("RANK", "0")) == 0:  # every rank refuses alike; one line is enough
             print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(USER_ERROR_EXIT_CODE)
+    except CheckpointSaveError as exc:  # every rank raises it alike, with the failing rank named
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)  # a fault, not bad input; not sys.exit: nothing is left to tear down cleanly
     except Exception as exc:  # a rank that died or hangs: one line naming it (orchestrator/faults.py)
         if not faults.is_collective_timeout(exc):
             raise

@@ -35,12 +35,13 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from compat import save_checkpoint_recording_write_errors
 from orchestrator.checkpoint.portable import build_index, write_rank_file
 from orchestrator.config import CheckpointConfig, flatten
 from orchestrator.errors import ConfigError
@@ -253,6 +254,45 @@ def _json_safe(state: dict) -> dict:
 # ----------------------------------------------------------------------------- manager
 
 
+class CheckpointSaveError(RuntimeError):
+    """A save failed on some rank; `str()` is one line naming the rank and the cause, the same on
+    every rank. The previous complete checkpoint is left as it was."""
+
+
+def _attempt(action: Callable[[], Any]) -> Optional[BaseException]:
+    """Run `action`; return the exception it raised (None when it succeeded)."""
+    try:
+        action()
+    except Exception as exc:
+        return exc
+    return None
+
+
+def _attempt_value(action: Callable[[], Any]) -> Any:
+    """`action()`, or None when it raised."""
+    try:
+        return action()
+    except Exception:
+        return None
+
+
+def _write_failure_cause(exc: BaseException, staging: Optional[str]) -> str:
+    """The cause of a failed write, in one line. torch.save reports a full disk without its errno
+    ("unexpected pos ..."), so the free space where this rank wrote, measured now, goes with it."""
+    text = _one_line(exc)
+    free = _attempt_value(lambda: shutil.disk_usage(staging).free) if staging else None
+    if free is None:
+        return text
+    if free < 64 * 2**20:
+        return f"{text} (the disk is full: {free / 2**20:.1f} MiB free where rank {_rank()} wrote)"
+    return f"{text} ({free / 2**20:.0f} MiB free where rank {_rank()} wrote)"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 class UnsafeCheckpointError(RuntimeError):
     """A checkpoint file asks to run code (or to build an object we do not allow) when loaded."""
 
@@ -310,48 +350,96 @@ class CheckpointManager:
         _barrier()
 
         started = time.perf_counter()
-        staging = self._staging_dir(tag, rank)
-        local_dir = os.path.join(staging, tag)
-        os.makedirs(local_dir, exist_ok=True)
-        engine.save_checkpoint(staging, tag=tag, client_state=client_state, save_latest=False)
-        torch.save({**rank_state, "rng": rng_state()}, os.path.join(local_dir, rank_file(rank)))
+        # A write that fails on one rank (disk full, permission denied, a store that errors) is
+        # recorded, not raised, until every rank has passed the save's collectives; then every rank
+        # raises the same one-line CheckpointSaveError. Raising at once on one rank would leave the
+        # others waiting at the next barrier until the collective timeout.
+        failure: Optional[BaseException] = None
+        try:
+            staging = self._staging_dir(tag, rank)
+            local_dir = os.path.join(staging, tag)
+            os.makedirs(local_dir, exist_ok=True)
+        except Exception as exc:
+            failure, staging = exc, None
+            local_dir = os.path.join(tempfile.gettempdir(), "peerlab-unwritable-staging")  # never written to
+        # With a failure already recorded, DeepSpeed's save only runs its collectives and writes nothing.
+        failure = save_checkpoint_recording_write_errors(engine, staging or local_dir, tag, client_state,
+                                                                already_failed=failure)
+        if failure is None:
+            failure = _attempt(lambda: torch.save({**rank_state, "rng": rng_state()}, os.path.join(local_dir, rank_file(rank))))
         # The layout-free copy (portable.py): resume under another layout, warm start, export.
-        portable_records = _gather(write_rank_file(engine, local_dir, rank, _gather))
+        # write_rank_file gathers before it writes: it runs on every rank whatever failed before.
+        portable_records: list = []
+        failure = failure or _attempt(lambda: portable_records.append(write_rank_file(engine, local_dir, rank, _gather)))
+        portable_records = _gather(portable_records[0] if portable_records else None)
 
         records = {}
-        for i, name in enumerate(sorted(os.listdir(local_dir)), start=1):
-            path = os.path.join(local_dir, name)
-            records[name] = {"size": os.path.getsize(path), "sha256": sha256_file(path), "rank": rank}
-            self.storage.put_file(path, f"{tag}/{name}", move=self.storage.local)
-            test_kill_point(f"file{i}")
-        shutil.rmtree(staging, ignore_errors=True)
+        if failure is None:
+            for i, name in enumerate(sorted(os.listdir(local_dir)), start=1):
+                path = os.path.join(local_dir, name)
+                failure = _attempt(lambda: records.__setitem__(name, {"size": os.path.getsize(path),
+                                                                      "sha256": sha256_file(path), "rank": rank}))
+                failure = failure or _attempt(lambda: self.storage.put_file(path, f"{tag}/{name}", move=self.storage.local))
+                if failure is not None:
+                    break
+                test_kill_point(f"file{i}")
+        cause = _write_failure_cause(failure, staging) if failure is not None else None
+        if staging:
+            shutil.rmtree(staging, ignore_errors=True)
 
-        everything = _gather(records)
-        _barrier()  # every rank's files are in place before the commit
+        everything = _gather((records, cause))
+        self._raise_if_any_failed(tag, [cause for _, cause in everything])
         test_kill_point("before_manifest")
+        commit_failure = None
         if rank == 0:
-            files: dict[str, dict] = {}
-            for per_rank in everything:
-                for name, rec in per_rank.items():
-                    if name in files and files[name]["sha256"] != rec["sha256"]:
-                        raise RuntimeError(f"ranks {files[name]['rank']} and {rec['rank']} wrote different {name}")
-                    files.setdefault(name, rec)
-            manifest = {
-                "format": FORMAT_VERSION, "tag": tag, "step": step, "world_size": _world(),
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds_to_write": time.perf_counter() - started,
-                "bytes": sum(r["size"] for r in files.values()), "files": files, "config": config,
-                "portable": {**build_index(portable_records), "layout": layout_of(config),
-                             "train_state": client_state.get("train_state"),
-                             "mlflow_run_id": client_state.get("mlflow_run_id"),
-                             "client_state": _json_safe(client_state),
-                             "scheduler": _json_safe(engine.lr_scheduler.state_dict()) if engine.lr_scheduler else None,
-                             "data": rank_state.get("data")},
-            }
-            self.storage.write_bytes_atomic(f"{tag}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
-            test_kill_point("after_manifest")
-            self._apply_retention()
-        _barrier()
+            commit_failure = _attempt(lambda: self._commit(tag, step, started, [r for r, _ in everything],
+                                                           portable_records, client_state, rank_state, engine, config))
+        commit_cause = _broadcast(_one_line(commit_failure) if commit_failure is not None else None)
+        self._raise_if_any_failed(tag, [commit_cause] + [None] * (_world() - 1))
         return tag
+
+    def _commit(self, tag, step, started, everything, portable_records, client_state, rank_state, engine, config):
+        """Rank 0: write the manifest that makes `tag` a complete checkpoint, then apply retention."""
+        files: dict[str, dict] = {}
+        for per_rank in everything:
+            for name, rec in per_rank.items():
+                if name in files and files[name]["sha256"] != rec["sha256"]:
+                    raise RuntimeError(f"ranks {files[name]['rank']} and {rec['rank']} wrote different {name}")
+                files.setdefault(name, rec)
+        manifest = {
+            "format": FORMAT_VERSION, "tag": tag, "step": step, "world_size": _world(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds_to_write": time.perf_counter() - started,
+            "bytes": sum(r["size"] for r in files.values()), "files": files, "config": config,
+            "portable": {**build_index([r for r in portable_records if r is not None]), "layout": layout_of(config),
+                         "train_state": client_state.get("train_state"),
+                         "mlflow_run_id": client_state.get("mlflow_run_id"),
+                         "client_state": _json_safe(client_state),
+                         "scheduler": _json_safe(engine.lr_scheduler.state_dict()) if engine.lr_scheduler else None,
+                         "data": rank_state.get("data")},
+        }
+        self.storage.write_bytes_atomic(f"{tag}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
+        test_kill_point("after_manifest")
+        try:
+            self._apply_retention()
+        except Exception as exc:  # the checkpoint is committed; an old one left behind loses nothing
+            self.log(f"warning: checkpoint.keep_last: could not remove older checkpoints: {_one_line(exc)}")
+
+    def _raise_if_any_failed(self, tag: str, causes: list) -> None:
+        """Collective in effect (every rank passes the same `causes`, one per rank): when a rank
+        failed, remove what this save wrote and raise CheckpointSaveError on every rank."""
+        failed = [(r, c) for r, c in enumerate(causes) if c is not None]
+        if not failed:
+            return
+        if _rank() == 0:
+            _attempt(lambda: self.storage.remove_tree(tag))  # uncommitted: no resume can pick it
+        last = [i.tag for i in self.complete_checkpoints()]
+        rank, cause = failed[0]
+        others = f" (and on rank {', '.join(str(r) for r, _ in failed[1:])})" if len(failed) > 1 else ""
+        kept = f"the last complete checkpoint {last[-1]} is intact" if last else "no earlier checkpoint exists"
+        raise CheckpointSaveError(
+            f"checkpoint.dir={self.storage.display()}: saving {tag} failed on rank {rank}{others}: {cause}; "
+            f"{kept}; fix: free space or grant write access there (or set checkpoint.dir to another place), "
+            "then run the same command again to resume")
 
     def _staging_dir(self, tag: str, rank: int) -> str:
         if self.storage.local:
