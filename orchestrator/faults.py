@@ -12,6 +12,8 @@ included: SIGKILL reaches a stopped process).
 from __future__ import annotations
 
 import os
+import re
+import resource
 from typing import Optional
 
 HEARTBEAT_DIR = "heartbeat"
@@ -68,3 +70,39 @@ def timeout_message(heartbeat: Optional[Heartbeat], timeout_s: int) -> str:
     return (f"cluster.collective_timeout_s={timeout_s}: rank {me} waited {timeout_s} s in a collective at step "
             f"{(mine or 0) + 1}: {who} (it died or hangs); fix: see that rank's log (<run.dir>/logs), then run "
             "the same command again to resume from the last complete checkpoint")
+
+
+# ----------------------------------------------------------------------------- out of memory
+# What this process is doing, for the out-of-memory line: the trainer sets it at each phase.
+PHASE = "start-up"
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Python's MemoryError, torch's CPU allocator failing (a RuntimeError), CUDA's OutOfMemoryError."""
+    text = str(exc)
+    return (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+            or (isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "CUDA out of memory" in text)))
+
+
+def out_of_memory_message(exc: BaseException, phase: str, rank: int) -> str:
+    """One line: where the memory ran out, how much was asked for, and what to change.
+
+    Only an allocation that fails inside the process can be reported this way (a memory limit such
+    as `ulimit -v`, a CUDA device, an allocator that refuses); the kernel's OOM killer sends SIGKILL
+    instead, which the launcher reports as a kill by SIGKILL."""
+    match = re.search(r"tried to allocate (\d+(?:\.\d+)?)\s*(bytes|[KMG]iB)", str(exc), re.IGNORECASE)
+    if match:
+        size = float(match.group(1)) * {"bytes": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[match.group(2)]
+        asked = f"an allocation of {size / 2**20:,.1f} MiB failed"
+    else:
+        asked = f"{type(exc).__name__} {' '.join(str(exc).split())[:160]}".strip()
+    if phase == "data preparation":
+        fix = "lower data.num_workers (each tokenizing process holds its own batch of documents) or use a machine with more memory"
+    else:
+        fix = ("see what each rank needs with `python -m orchestrator.plan <the same overrides>`, then lower "
+               "trainer.micro_batch_size (a larger trainer.grad_accum_steps keeps the global batch), set "
+               "trainer.activation_checkpointing=blocks, or raise parallel.zero_stage or parallel.ep")
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if limit != resource.RLIM_INFINITY:
+        asked += f" (this process's address-space limit, ulimit -v, is {limit / 2**30:.1f} GiB)"
+    return f"out of memory on rank {rank} during {phase}: {asked}; fix: {fix}"

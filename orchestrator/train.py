@@ -46,7 +46,11 @@ def train_main(cfg_dict: dict) -> None:
             print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(1)  # a fault, not bad input; not sys.exit: nothing is left to tear down cleanly
-    except Exception as exc:  # a rank that died or hangs: one line naming it (orchestrator/faults.py)
+    except Exception as exc:  # a rank that died or hangs, or ran out of memory: one line (orchestrator/faults.py)
+        if faults.is_out_of_memory(exc):
+            print(f"error: {faults.out_of_memory_message(exc, faults.PHASE, int(os.environ.get('RANK', '0')))}",
+                  file=sys.stderr, flush=True)
+            os._exit(1)  # the peers stop at their next collective (the launcher stops them first)
         if not faults.is_collective_timeout(exc):
             raise
         print(f"error: {faults.timeout_message(faults.CURRENT, cfg.cluster.collective_timeout_s)}", file=sys.stderr, flush=True)
@@ -87,9 +91,12 @@ class Trainer:
         self._init_distributed()
         status, self.reporter = "FAILED", None
         try:
+            faults.PHASE = "data preparation"
             self._prepare_data()
+            faults.PHASE = "building the model"
             self._build()
             self.checkpoints = CheckpointManager(self.cfg.checkpoint, log=self._rank0_print)
+            faults.PHASE = "loading the checkpoint"
             resumed = self._resume()
             c = self.cfg
             self.reporter = Reporter(self.rank, c.run.dir, c.tracking, c.run.root, c.run.name,
@@ -223,6 +230,7 @@ class Trainer:
         while self.state.step < t.max_steps:
             lr = self.engine.lr
             step = self.state.step + 1
+            faults.PHASE = f"step {step}"  # evaluation and the save of a step count as the step
             log_due = step % t.log_every == 0 or step == t.max_steps
             result = self.engine.train_step(self.batches.next_step(), self._stop_signal is not None,
                                             need_grad_norm=log_due)
