@@ -114,7 +114,10 @@ def run_here(entry: Callable[..., Any], job: Job) -> int:
     try:
         run_local(entry, job.args, cluster["nproc_per_node"], run_id=job.name,
                   log_dir=os.path.join(job.run_dir, "logs"),
-                  shutdown_timeout_s=cluster["shutdown_grace_s"], hosts=HostSpec.from_cluster(cluster))
+                  shutdown_timeout_s=cluster["shutdown_grace_s"], hosts=HostSpec.from_cluster(cluster),
+                  # a SIGTERM waits for a save in progress, at most as long as its collectives may take
+                  save_limit_s=cluster["collective_timeout_s"],
+                  save_markers_dir=os.path.join(job.run_dir, "logs", "saving"))
     except LaunchError as exc:
         if exc.exit_code == USER_ERROR_EXIT_CODE:
             pass  # the worker already printed its one-line error

@@ -40,6 +40,7 @@ LOCALHOST = "127.0.0.1"
 # handlers for them and never puts the old ones back, so run_local does.
 _FORWARDED_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
 _SIGNALS_KEY = "TORCHELASTIC_SIGNALS_TO_HANDLE"
+_SAVE_MARKERS_KEY = "PEERLAB_SAVE_MARKERS"  # where workers mark a save in progress (_GracefulStop)
 
 class LaunchError(RuntimeError):
     """A worker failed, so the run failed. `str()` names the rank, exit code and root cause.
@@ -85,6 +86,8 @@ def run_local(
     log_dir: str | os.PathLike[str] | None = None,
     shutdown_timeout_s: int = 30,
     hosts: Any = None,
+    save_limit_s: int = 600,
+    save_markers_dir: str | None = None,
 ) -> None:
     """Run entrypoint(*args) on nproc_per_node local processes; return when all have finished.
 
@@ -106,6 +109,12 @@ def run_local(
     shutdown_timeout_s: after Ctrl-C or SIGTERM, how long workers get to exit after the same
     signal is forwarded to them before they are SIGKILLed (a worker that saves a checkpoint on
     SIGTERM needs this long).
+
+    save_markers_dir, save_limit_s: a SIGTERM never cuts a save in progress. Workers find the
+    folder in PEERLAB_SAVE_MARKERS and keep a file `saving_rank_<N>` there while they save; when
+    shutdown_timeout_s has passed and such a file exists, the kill waits for the save, at most
+    save_limit_s more (a save stuck longer has met its collective timeout). Workers that exit
+    with 75 after their save (a complete checkpoint) make this raise LaunchError with exit code 75.
     """
     if nproc_per_node < 1:
         raise ValueError(f"nproc_per_node={nproc_per_node}: must be at least 1")
@@ -130,6 +139,8 @@ def run_local(
             log_dir=None if log_dir is None else str(log_dir),
             shutdown_timeout_s=shutdown_timeout_s,
             hosts=hosts,
+            save_limit_s=save_limit_s,
+            save_markers_dir=save_markers_dir,
         )
 
 
@@ -171,6 +182,8 @@ def _run_elastic(
     log_dir: str | None,
     shutdown_timeout_s: int,
     hosts: Any = None,
+    save_limit_s: int = 600,
+    save_markers_dir: str | None = None,
 ) -> None:
     # The agent makes <log_dir>/<run_id>_<random>/ from it: keep it one plain path component.
     run_id = re.sub(r"[^A-Za-z0-9_.-]", "_", run_id)
@@ -183,12 +196,14 @@ def _run_elastic(
     children_before = set(multiprocessing.active_children())
     saved_handlers = _signal_handlers()
     started = time.time()
+    stop = _GracefulStop(children_before, shutdown_timeout_s, save_limit_s, save_markers_dir)
     try:
+        stop.install()
         with (
             _scratch_dir(log_dir) as root,
             # torch elastic exports TORCHELASTIC_SIGNALS_TO_HANDLE into this process too.
             _patched_environ({**_worker_environ(nproc_per_node), **host_environ,
-                              _SIGNALS_KEY: os.environ.get(_SIGNALS_KEY)}),
+                              _SIGNALS_KEY: os.environ.get(_SIGNALS_KEY), _SAVE_MARKERS_KEY: save_markers_dir}),
             _quiet_duplicate_failure_log(),
         ):
             config = LaunchConfig(
@@ -203,14 +218,16 @@ def _run_elastic(
                     tee=Std.ALL if log_dir is not None else Std.NONE,
                 ),
                 log_line_prefix_template="[rank${rank}]: " if log_dir is not None else None,
-                signals_to_handle=",".join(_FORWARDED_SIGNALS),
+                # SIGTERM is _GracefulStop's: the agent's own shutdown would kill a save in progress.
+                signals_to_handle=",".join(name for name in _FORWARDED_SIGNALS if name != "SIGTERM"),
                 shutdown_timeout=shutdown_timeout_s,
             )
             try:
                 elastic_launch(config, _worker_main)(entrypoint, args)
             except ChildFailedError as failed:
-                raise _launch_error(failed, root, run_id, started, log_dir,
-                                    rank_offset=hosts.node_rank * nproc_per_node if hosts else 0) from None
+                error = _launch_error(failed, root, run_id, started, log_dir,
+                                      rank_offset=hosts.node_rank * nproc_per_node if hosts else 0)
+                raise (stop.outcome(error, nproc_per_node) if stop.signum is not None else error) from None
             except SignalException as signalled:
                 if signalled.sigval == signal.SIGINT:
                     raise KeyboardInterrupt from None
@@ -486,6 +503,70 @@ def _quiet_duplicate_failure_log() -> Iterator[None]:
     finally:
         for name, flt in quiet.items():
             logging.getLogger(name).removeFilter(flt)
+
+
+class _GracefulStop:
+    """SIGTERM to the launcher: forward it to every worker (they finish the step, save together and
+    exit 75), give them `grace_s`, then SIGKILL whatever is left, except while a worker marks a save
+    in progress in `markers_dir`: then wait for it (at most `save_limit_s` more), and give them
+    `grace_s` again from its end to exit."""
+
+    def __init__(self, children_before: set[Any], grace_s: float, save_limit_s: float, markers_dir: str | None):
+        self.children_before, self.grace_s, self.save_limit_s = children_before, grace_s, save_limit_s
+        self.markers_dir = markers_dir
+        self.signum: int | None = None
+        self.killed_after_s: float | None = None
+        if markers_dir:
+            os.makedirs(markers_dir, exist_ok=True)
+            for stale in Path(markers_dir).glob("saving_rank_*"):  # left by a worker killed mid-save
+                stale.unlink(missing_ok=True)
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _workers(self) -> list[Any]:
+        return [c for c in multiprocessing.active_children() if c not in self.children_before and c.is_alive()]
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            return  # a repeated SIGTERM changes nothing: the deadline stands
+        self.signum, self.at = signum, time.monotonic()
+        for child in self._workers():
+            with contextlib.suppress(ProcessLookupError, OSError):
+                os.kill(child.pid, signum)
+        threading.Thread(target=self._kill_when_due, name="graceful-stop", daemon=True).start()
+
+    def saving(self) -> bool:
+        return bool(self.markers_dir) and any(Path(self.markers_dir).glob("saving_rank_*"))
+
+    def _kill_when_due(self) -> None:
+        last_busy = self.at  # the grace runs from the signal, and again from the end of a save (to exit)
+        while True:
+            workers = self._workers()
+            if not workers:
+                return
+            now = time.monotonic()
+            waited = now - self.at
+            if self.saving():
+                last_busy = now
+            if waited >= self.grace_s + self.save_limit_s or now - last_busy >= self.grace_s:
+                self.killed_after_s = waited
+                for child in workers:
+                    with contextlib.suppress(ProcessLookupError, OSError):
+                        child.kill()
+                return
+            time.sleep(0.1)
+
+    def outcome(self, error: LaunchError, nproc_per_node: int) -> LaunchError:
+        """What the workers' ends mean once SIGTERM stopped them."""
+        if error.exit_code == 75 and self.killed_after_s is None:
+            return LaunchError("stopped by SIGTERM after a complete checkpoint", exit_code=75, rank=error.rank)
+        name = signal.Signals(self.signum).name
+        how = (f"; workers still running after {self.killed_after_s:.0f} s were killed (cluster.shutdown_grace_s="
+               f"{self.grace_s:g})" if self.killed_after_s is not None else "")
+        return LaunchInterrupted(f"launcher got {name}; stopped all {nproc_per_node} workers{how}",
+                                 exit_code=128 + int(self.signum), signal_name=name)
 
 
 def _kill_leftover_children(children_before: set[Any]) -> None:

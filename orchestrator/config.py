@@ -121,7 +121,7 @@ class ClusterConfig:
     setup: list = doc("shell lines the Slurm batch script runs before starting the processes, e.g. ['module load cuda']")
     wait: bool = doc("Slurm: stream rank 0's log until the job ends and exit with its status; false returns once submitted")
     dry_run: bool = doc("print what would run (for Slurm the sbatch script) and the resolved config; submit and start nothing")
-    shutdown_grace_s: int = doc("local launcher: seconds the workers get to save and exit after a stop signal is forwarded, before they are killed")
+    shutdown_grace_s: int = doc("local launcher: seconds the workers get to save and exit after a stop signal is forwarded, before they are killed; a save in progress extends it until the save ends (at most cluster.collective_timeout_s more)")
     # Several hosts (cluster/rendezvous.py). Slurm finds ranks, the first node and a port itself;
     # without Slurm these are torchrun's --node-rank, --master-addr, --master-port (and
     # cluster.nodes is its --nnodes).

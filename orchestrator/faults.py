@@ -11,10 +11,11 @@ included: SIGKILL reaches a stopped process).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import resource
-from typing import Optional
+from typing import Iterator, Optional
 
 HEARTBEAT_DIR = "heartbeat"
 # The messages a collective's timeout raises with: gloo, NCCL's watchdog, the c10d store.
@@ -70,6 +71,28 @@ def timeout_message(heartbeat: Optional[Heartbeat], timeout_s: int) -> str:
     return (f"cluster.collective_timeout_s={timeout_s}: rank {me} waited {timeout_s} s in a collective at step "
             f"{(mine or 0) + 1}: {who} (it died or hangs); fix: see that rank's log (<run.dir>/logs), then run "
             "the same command again to resume from the last complete checkpoint")
+
+
+# ----------------------------------------------------------------------------- a save in progress
+
+
+@contextlib.contextmanager
+def save_in_progress(rank: int) -> Iterator[None]:
+    """Mark this rank's save for the local launcher (cluster/local.py): after a SIGTERM, its
+    cluster.shutdown_grace_s does not end while a marker exists. The folder comes from the
+    launcher (PEERLAB_SAVE_MARKERS); without it (one process, Slurm) this does nothing."""
+    folder = os.environ.get("PEERLAB_SAVE_MARKERS")
+    if not folder:
+        yield
+        return
+    marker = os.path.join(folder, f"saving_rank_{rank:05d}")
+    with open(marker, "w", encoding="utf-8") as f:
+        f.write(str(os.getpid()))
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(marker)
 
 
 # ----------------------------------------------------------------------------- out of memory

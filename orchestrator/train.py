@@ -280,8 +280,9 @@ class Trainer:
         started = time.perf_counter()
         client_state = {"train_state": vars(self.state).copy(), "lr_decay_steps": self.engine.lr_schedule.decay_steps,
                         "mlflow_run_id": self.reporter.mlflow_run_id if self.reporter else None}
-        tag = self.engine.save(self.checkpoints, step, client_state, {"data": self.batches.state_dict()},
-                               self._config_record())
+        with faults.save_in_progress(self.rank):  # a launcher's SIGTERM grace waits for it
+            tag = self.engine.save(self.checkpoints, step, client_state, {"data": self.batches.state_dict()},
+                                   self._config_record())
         self.reporter.print(f"saved checkpoint {tag} to {self.checkpoints.storage.display()} "
                             f"in {time.perf_counter() - started:.1f}s")
 

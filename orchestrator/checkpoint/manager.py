@@ -383,6 +383,8 @@ class CheckpointManager:
                 if failure is not None:
                     break
                 test_kill_point(f"file{i}")
+        if os.environ.get("PEERLAB_TEST_SAVE_DELAY_S"):  # tests: a save that takes long (a slow store)
+            time.sleep(float(os.environ["PEERLAB_TEST_SAVE_DELAY_S"]))
         cause = _write_failure_cause(failure, staging) if failure is not None else None
         if staging:
             shutil.rmtree(staging, ignore_errors=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import resource
+import signal
 import subprocess
 import sys
 
@@ -62,3 +63,39 @@ def test_out_of_memory_in_the_first_step_ends_in_one_line(tmp_path, data_cache):
     assert errors[0].startswith("error: out of memory on rank 0 during step 1: an allocation of "), errors[0]
     assert "ulimit -v, is 3.0 GiB" in errors[0] and "lower trainer.micro_batch_size" in errors[0], errors[0]
     assert "Traceback" not in proc.stderr, describe(proc)
+
+
+def test_a_stop_signal_during_a_save_longer_than_the_grace_is_not_cut(tmp_path, data_cache):
+    """SIGTERM to the local launcher while the save it triggers takes 8 s (PEERLAB_TEST_SAVE_DELAY_S,
+    a slow store) with cluster.shutdown_grace_s=2: the launcher waits for the save instead of
+    killing it, the checkpoint is complete, and exit code 75 reaches the caller."""
+    import time
+
+    run_dir = tmp_path / "runs" / "default"
+    args = TINY + ["trainer.max_steps=100000", "checkpoint.every_steps=0", "tracking.enabled=false", "cluster.nproc_per_node=2",
+                   "parallel.dp=2", "cluster.shutdown_grace_s=2", f"run.root={tmp_path}/runs", f"data.cache_dir={data_cache}"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1",
+           "PEERLAB_TEST_SAVE_DELAY_S": "8"}
+    with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
+        launcher = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), *args], cwd=tmp_path, env=env,
+                                    stdout=out, stderr=err)
+        try:
+            deadline = time.monotonic() + 300
+            while not (run_dir / "heartbeat" / "rank_00001").exists():  # rank 1 finished a step
+                assert launcher.poll() is None and time.monotonic() < deadline, (tmp_path / "err.txt").read_text()
+                time.sleep(0.2)
+            signalled = time.monotonic()
+            launcher.send_signal(signal.SIGTERM)
+            code = launcher.wait(timeout=120)
+            waited = time.monotonic() - signalled
+        finally:
+            if launcher.poll() is None:
+                launcher.kill()
+    stdout, stderr = (tmp_path / "out.txt").read_text(), (tmp_path / "err.txt").read_text()
+    assert code == 75, f"exit {code}\n{stdout[-3000:]}\n{stderr[-3000:]}"
+    assert waited >= 8, waited  # the save's 8 s were not cut at the 2 s grace
+    assert "saved checkpoint step_" in stdout, stdout[-3000:]
+    tags = [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step_")]
+    assert len(tags) == 1 and (tags[0] / "manifest.json").exists(), tags
+    assert "stopped by a signal after a complete checkpoint" in stderr, stderr[-3000:]
+    assert not list((run_dir / "logs" / "saving").glob("saving_rank_*"))  # markers go with their save
