@@ -2,6 +2,7 @@
 # A real single-node Slurm cluster on this machine, for tests/cluster/test_slurm.py.
 #
 #   sudo tests/cluster/slurm_up.sh     # install if missing, configure, start, wait until idle
+#   sudo tests/cluster/slurm_up.sh --install-only   # install if missing, nothing more
 #   sudo tests/cluster/slurm_down.sh   # stop every daemon this script started (by pid)
 #
 # Installs Debian's slurmctld, slurmd, slurm-client, slurmdbd, munge and mariadb-server when
@@ -42,6 +43,9 @@ if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq >/dev/null || die "apt-get update failed"
     apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null || die "apt-get install ${need[*]} failed"
 fi
+# `slurm_up.sh --install-only`: the packages and nothing else (the two-node cluster, slurm2_up.sh,
+# needs them but not this cluster).
+[ "${1:-}" = "--install-only" ] && exit 0
 
 if [ -f "$CONF" ] && ! grep -qF "$MARK" "$CONF"; then
     cannot "$CONF exists and was not written by this script; refusing to replace a real Slurm configuration"

@@ -61,10 +61,16 @@ def _sh(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 def two_nodes():
     """Bring the two-node cluster up (slurm2_up.sh), and remove it after the module."""
     reason = None
+    installed = lambda: shutil.which("sbatch") and shutil.which("mariadbd")  # noqa: E731
     if os.geteuid() != 0:
         reason = "needs root for network namespaces and the Slurm daemons (tests/cluster/slurm2_up.sh)"
-    elif not shutil.which("sbatch") or not shutil.which("mariadbd"):
-        reason = "Slurm and MariaDB are not installed (tests/cluster/slurm_up.sh installs them)"
+    elif not installed():
+        # A fresh machine (CI): install the packages as tests/cluster/test_slurm.py's cluster would.
+        got = _sh(str(HERE / "slurm_up.sh"), "--install-only", timeout=900)
+        if got.returncode == 3:
+            reason = got.stderr.strip().splitlines()[-1]
+        elif got.returncode != 0 or not installed():
+            pytest.fail(f"slurm_up.sh --install-only failed (exit {got.returncode}):\n{got.stdout}\n{got.stderr}")
     if reason is None:
         up = _sh(str(HERE / "slurm2_up.sh"), timeout=300)
         if up.returncode == 3:
