@@ -2,7 +2,7 @@
 job equals the same run under cluster=local; a job preempted by the high partition, and one sent
 the time-limit signal, are requeued, resume from their checkpoint and end with the losses of an
 uninterrupted run in one MLflow run; the requeue limit stops a job with a message; a failing job
-fails and is not requeued; a sweep runs as a job array and its summary table is right; a dry run
+fails and is not requeued; a hung rank ends its job naming it; a sweep runs as a job array and its summary table is right; a dry run
 submits nothing.
 
 The cluster comes up once per session (about 2 s once installed; the first time apt-get installs
@@ -212,6 +212,28 @@ def test_failing_job_fails_and_is_not_requeued(slurm_cluster, tmp_path, data_cac
     info = _scontrol(job)
     assert info.get("JobState") == "FAILED" and info.get("Restarts") == "0", info
     assert "requeued" not in proc.stdout
+
+
+def test_a_hung_rank_ends_the_job_naming_it(slurm_cluster, tmp_path, data_cache):
+    # Rank 1 of the 2-task job is SIGSTOPped after step 3 (PEERLAB_TEST_KILL_AT, inherited by the
+    # job): rank 0's next collective times out after cluster.collective_timeout_s, it names rank 1
+    # and exits 1, srun's --kill-on-bad-exit ends the stopped task, and the job FAILS, unrequeued.
+    args = _args(tmp_path, data_cache, ["cluster.wait=true", "cluster.collective_timeout_s=10", "checkpoint.every_steps=2",
+                                        "tracking.enabled=false"])
+    started = time.monotonic()
+    proc = launch(args, cwd=tmp_path, timeout=JOB_TIMEOUT_S, extra_env={"PEERLAB_TEST_KILL_AT": "step3:1:STOP"})
+    elapsed = time.monotonic() - started
+    assert proc.returncode != 0, describe(proc)
+    job = _job_id(proc.stdout)
+    info = _scontrol(job)
+    assert info.get("JobState") == "FAILED" and info.get("Restarts") == "0", info
+    run_dir = tmp_path / "runs" / "default"
+    logs = "".join(p.read_text() for p in (run_dir / "slurm").glob(f"{job}_*_log.err"))
+    assert "cluster.collective_timeout_s=10: rank 0 waited 10 s in a collective at step 4: rank 1 stopped after step 3" \
+        in logs + proc.stderr, describe(proc) + logs[-3000:]
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert ckpts == ["step_00000002"] and (run_dir / "checkpoints" / "step_00000002" / "manifest.json").exists(), ckpts
+    print(f"hung rank: job {job} ended {elapsed:.1f} s after submission")
 
 
 def test_sweep_runs_as_a_job_array_with_a_summary(slurm_cluster, tmp_path, data_cache):
