@@ -10,11 +10,13 @@ Backward: dots of the V rows with dy (chunked like the forward), then
     dgates = dy.v * act(s)          ds = dy.v * gate * act'(s)
     dx     = embedding_bag(U, weights ds)
     dU[i]  = sum_{(t,m): idx=i} ds_tm x_t      dV[i] = sum w_tm dy_t
-The last two are exactly embedding_bag's weight gradient (with x or dy as the bag gradients), so
-aten's `_embedding_bag_dense_backward` accumulates them straight into one dense [N, D] buffer
-with no per-token copies of rows (an index_add_ over chunked products is the fallback). Dense,
-not sparse, gradients: the reference's nn.Embedding gives dense ones too, and DeepSpeed's
-optimizers and ZeRO expect dense grads.
+The last two are sums over the (t, m) entries that read a row: on CPU one sparse x dense product
+each (A @ x, A[i, t] = the weights of token t's entries for row i, a CSR matrix whose pattern,
+idx turned around, is built once for both tables); elsewhere aten's `_embedding_bag_dense_backward`,
+which accumulates them straight into one dense [N, D] buffer (an index_add_ over chunked products
+is the last fallback). Either way no per-token copies of rows. Dense, not sparse, gradients: the
+reference's nn.Embedding gives dense ones too, and DeepSpeed's optimizers and ZeRO expect dense
+grads.
 
 The halves on their own (`ChunkedGatheredDot`, `ChunkedWeightedGatherSum`, for the
 expert-parallel layer) are built from the same three pieces: `gathered_dots`, `weighted_rows_sum`
@@ -29,6 +31,7 @@ Legend as in model/kernels/__init__.py.
 from __future__ import annotations
 
 import warnings
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -111,10 +114,51 @@ def _offsets(num_tokens: int, num_rows: int, device) -> tuple[torch.Tensor, torc
     return bag_of_row, bag_size
 
 
-def rows_grad(grad_TD: torch.Tensor, idx_TM: torch.Tensor, weights_TM: torch.Tensor, num_rows_total: int) -> torch.Tensor:
-    """Dense [N, D] gradient G with G[i] = sum over (t, m) with idx[t, m] = i of weights[t, m] * grad[t]."""
+class RowIndex(NamedTuple):
+    """idx_TM turned around: which (token, slot) entries read each table row, as the pattern of a
+    CSR matrix [N, T]. Built once per backward and shared by every table gradient over the same
+    idx (U and V of one PEER layer)."""
+
+    row_starts: torch.Tensor  # [N + 1]: row i's entries are positions row_starts[i]:row_starts[i+1]
+    tokens: torch.Tensor      # [T * M]: the token of each entry, grouped by row
+    order: torch.Tensor       # [T * M]: the flat (t * M + m) position of each entry in idx_TM
+
+
+def row_index(idx_TM: torch.Tensor, num_rows_total: int) -> RowIndex:
+    flat = idx_TM.reshape(-1)
+    # Stable, so a row's entries keep (t, m) order: the sums below are then a fixed function of
+    # idx, the same in every run and for any column slice of the table (expert-parallel shards).
+    order = torch.argsort(flat, stable=True)
+    row_starts = torch.zeros(num_rows_total + 1, dtype=torch.int64, device=idx_TM.device)
+    torch.cumsum(torch.bincount(flat, minlength=num_rows_total), 0, out=row_starts[1:])
+    return RowIndex(row_starts, torch.div(order, idx_TM.shape[1], rounding_mode="floor"), order)
+
+
+def _sparse_matmul_applies(grad_TD: torch.Tensor) -> bool:
+    # MKL's CSR x dense product: CPU, fp32/fp64 only; and not under a Python dispatch mode
+    # (FLOP counters, memory trackers), which see the aten ops of the fallback more plainly.
+    return (grad_TD.device.type == "cpu" and grad_TD.dtype in (torch.float32, torch.float64)
+            and _get_current_dispatch_mode() is None)
+
+
+def rows_grad(grad_TD: torch.Tensor, idx_TM: torch.Tensor, weights_TM: torch.Tensor, num_rows_total: int,
+              index: RowIndex | None = None) -> torch.Tensor:
+    """Dense [N, D] gradient G with G[i] = sum over (t, m) with idx[t, m] = i of weights[t, m] * grad[t].
+
+    On CPU this is one sparse x dense product: G = A @ grad with A[i, t] = sum of the weights of
+    token t's entries for row i, as a CSR matrix built from `index` (`row_index(idx_TM, N)`; pass
+    it when several gradients share idx). 2-5x faster than embedding_bag's dense backward here
+    (bench/RESULTS.md); elsewhere that backward, which accumulates into one dense buffer too."""
     num_tokens, num_rows = idx_TM.shape
     weights_TM = weights_TM.to(grad_TD.dtype)
+    if _sparse_matmul_applies(grad_TD):
+        index = row_index(idx_TM, num_rows_total) if index is None else index
+        values = weights_TM.reshape(-1)[index.order]
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+            matrix = torch.sparse_csr_tensor(index.row_starts, index.tokens, values, (num_rows_total, num_tokens),
+                                             check_invariants=False)
+        return torch.sparse.mm(matrix, grad_TD.contiguous())
     op = getattr(torch.ops.aten, "_embedding_bag_dense_backward", None)
     if op is not None:
         bag_of_row, bag_size = _offsets(num_tokens, num_rows, idx_TM.device)
@@ -166,6 +210,7 @@ class ChunkedPeerMix(torch.autograd.Function):
         grad_y_TD = grad_y_TD.contiguous()
         act_TM = ACTIVATION_FNS[ctx.activation](pre_TM)
         grad_x = grad_down = grad_up = grad_gates = None
+        index = row_index(idx_TM, down_ND.shape[0]) if (need_down and need_up and _sparse_matmul_applies(down_ND)) else None
         if need_x or need_down or need_gates:
             grad_w_TM = gathered_dots(up_ND, idx_TM, grad_y_TD)  # d loss / d (gate * act)
             if need_gates:
@@ -174,9 +219,9 @@ class ChunkedPeerMix(torch.autograd.Function):
             if need_x:
                 grad_x = weighted_rows_sum(down_ND, idx_TM, grad_pre_TM).to(x_TD.dtype)
             if need_down:
-                grad_down = rows_grad(x_TD.to(down_ND.dtype), idx_TM, grad_pre_TM, down_ND.shape[0])
+                grad_down = rows_grad(x_TD.to(down_ND.dtype), idx_TM, grad_pre_TM, down_ND.shape[0], index)
         if need_up:
-            grad_up = rows_grad(grad_y_TD.to(up_ND.dtype), idx_TM, gates_TM * act_TM, up_ND.shape[0])
+            grad_up = rows_grad(grad_y_TD.to(up_ND.dtype), idx_TM, gates_TM * act_TM, up_ND.shape[0], index)
         return grad_x, grad_down, grad_up, grad_gates, None, None
 
 

@@ -28,7 +28,7 @@ import torch
 
 from model.config import PeerConfig
 from model.kernels import BACKENDS, gathered_dot, peer_expert_mix, resolve_impl, weighted_gather_sum
-from model.kernels.chunked import gathered_dots, rows_grad, rows_grad_index_add
+from model.kernels.chunked import gathered_dots, row_index, rows_grad, rows_grad_index_add
 from model.peer import PEER
 
 HAS_CUDA = torch.cuda.is_available()
@@ -138,6 +138,33 @@ def test_rows_grad_and_gathered_dots():
     torch.testing.assert_close(rows_grad_index_add(grad_TD, idx_TM, weights_TM, 7), dense, rtol=1e-12, atol=1e-12)
     weight_ND = torch.randn(7, 11, generator=gen, dtype=torch.float64)
     torch.testing.assert_close(gathered_dots(weight_ND, idx_TM, grad_TD), (weight_ND[idx_TM] * grad_TD[:, None]).sum(-1))
+
+
+def test_rows_grad_paths_agree(monkeypatch):
+    """The CPU sparse x dense product, embedding_bag's dense backward and index_add_ give the same
+    table gradient (float64: 1e-12 is rounding), with a shared row index, rows nobody retrieved
+    and one row retrieved by every entry; in float32 the product is bitwise the same run after run
+    and for any column slice (what expert-parallel shards of U and V rely on)."""
+    gen = torch.Generator().manual_seed(2)
+    num_rows = 50
+    idx_TM = torch.randint(0, num_rows // 2, (33, 5), generator=gen)  # rows 25..49 never retrieved
+    idx_TM[:, 0] = 3
+    weights_TM = torch.randn(33, 5, generator=gen, dtype=torch.float64)
+    grad_TD = torch.randn(33, 9, generator=gen, dtype=torch.float64)
+    want = torch.zeros(num_rows, 9, dtype=torch.float64).index_add_(
+        0, idx_TM.flatten(), (weights_TM[:, :, None] * grad_TD[:, None, :]).reshape(-1, 9))
+    shared = row_index(idx_TM, num_rows)
+    sparse = rows_grad(grad_TD, idx_TM, weights_TM, num_rows, shared)
+    torch.testing.assert_close(sparse, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rows_grad(grad_TD * 2, idx_TM, weights_TM, num_rows, shared), want * 2,
+                               rtol=1e-12, atol=1e-12)
+    monkeypatch.setattr("model.kernels.chunked._sparse_matmul_applies", lambda grad: False)
+    torch.testing.assert_close(rows_grad(grad_TD, idx_TM, weights_TM, num_rows), want, rtol=1e-12, atol=1e-12)
+    monkeypatch.undo()
+    x32, w32 = grad_TD.float(), weights_TM.float()
+    first = rows_grad(x32, idx_TM, w32, num_rows)
+    assert all(torch.equal(rows_grad(x32, idx_TM, w32, num_rows), first) for _ in range(5))
+    assert torch.equal(rows_grad(x32[:, 2:7].contiguous(), idx_TM, w32, num_rows), first[:, 2:7])
 
 
 @pytest.fixture

@@ -77,14 +77,27 @@ def test_partial_grads(needs):
 @pytest.mark.parametrize("per_head", [False, True], ids=["shared_keys", "per_head_keys"])
 def test_float32_same_selection_at_benchmark_like_sizes(per_head):
     """The issue's retrieval shape (h = 8, sqrt(N) = 256, k = 16, d_key = 128) on 256 tokens in
-    float32, several chunks: the same experts and (to rounding) the same scores."""
+    float32, several chunks: the same experts and (to rounding) the same scores.
+
+    Gradients against float64: a key row's gradient sums the n entries that retrieved it, and a
+    float32 sum of n terms of size <= g rounds by about sqrt(n) u g (u = 2^-24, rounding errors
+    adding like a random walk); allowed: 8 sqrt(n_max) u g with g the largest float64 gradient
+    entry. The fp32 reference (plain autograd, other summation order) is held to the same bound, so
+    the bound is not loose for one order only. Measured on this machine: at most 0.07 of it."""
     inputs, top_k, grad = make((256, 8, 128, 256, 16), per_head, dtype=torch.float32, seed=1)
     want_scores, want_idx, want_grads = run(product_key_topk, inputs, top_k, grad)
     scores, idx, grads = run(chunked_product_key_topk, inputs, top_k, grad)
     assert torch.equal(idx, want_idx)
     torch.testing.assert_close(scores, want_scores, rtol=1e-6, atol=1e-6)
-    for got, want in zip(grads, want_grads):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    exact = run(product_key_topk, [t.double() for t in inputs], top_k, grad.double())[2]
+    num_sub_keys = inputs[1].shape[-2]
+    n_max = max(torch.bincount((idx // num_sub_keys).flatten()).max().item(),
+                torch.bincount((idx % num_sub_keys).flatten()).max().item(), 2 * top_k)
+    for name, got, ref, want in zip(("q", "keys1", "keys2"), grads, want_grads, exact):
+        bound = 8 * n_max ** 0.5 * 2.0 ** -24 * want.abs().max().item()
+        for label, value in (("chunked", got), ("reference", ref)):
+            error = (value.double() - want).abs().max().item()
+            assert error <= bound, f"grad {name} ({label}): {error:.2e} from float64, bound {bound:.2e}"
 
 
 def test_saves_only_query_and_indices():
