@@ -15,8 +15,8 @@ Checkpoints whose model file holds the whole model (parallel.ep = tp = pp = 1, a
 degree and ZeRO stage 0-2) are read from DeepSpeed's mp_rank_00_model_states.pt 'module' plus the
 layer_*_expert_*_model_states.pt files in which DeepSpeed keeps MoE experts, so that every data-
 parallel rank's BatchNorm statistics can be pooled (below). Checkpoints of ep, tp or pp > 1 are
-gathered from their layout-free shards by `orchestrator.checkpoint.read_model_state`; their
-BatchNorm statistics are data-parallel rank 0's.
+gathered from their layout-free shards by `orchestrator.checkpoint.read_model_state`, which hold
+the BatchNorm statistics pooled the same way when the checkpoint was saved.
 
 BatchNorm running statistics (PEER's and PKM's query norm). Each data-parallel rank updates its
 own from its own batches, and the trainer saves every rank's copy in that rank's file (so resume
@@ -114,6 +114,7 @@ def _read_checkpoint(step_dir: Storage, source: str) -> ModelState:
     # safe_load's allow-list imports deepspeed, which warns unless told its accelerator.
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     from orchestrator.checkpoint import MANIFEST, safe_load, sha256_file
+    from orchestrator.checkpoint.portable import pool_batchnorm_statistics
 
     shown = step_dir.display()
     manifest = json.loads(step_dir.read_bytes(MANIFEST))
@@ -161,8 +162,7 @@ def _read_checkpoint(step_dir: Storage, source: str) -> ModelState:
 def _read_portable(step_dir: Storage, shown: str, manifest: dict) -> ModelState:
     """A checkpoint written under ep, tp or pp > 1: its layout-free index (global names, shapes and
     each rank's pieces, orchestrator/checkpoint/portable.py) gathered into the one-process model.
-    BatchNorm statistics are then data-parallel rank 0's, as after any resharded resume (the
-    stage- and shard-local rank files do not name tensors by their global names)."""
+    Its BatchNorm statistics were pooled over the data-parallel ranks when it was saved."""
     from orchestrator.checkpoint.warm_start import read_model_state as read_portable
     from orchestrator.checkpoint.portable import DamagedChunk
 
@@ -175,26 +175,6 @@ def _read_portable(step_dir: Storage, shown: str, manifest: dict) -> ModelState:
         raise _refuse(shown, f"damaged ({exc})", "pick another step dir, e.g. the previous step") from None
     return ModelState(config=config, state_dict=state, step=step, source=shown, kind="checkpoint",
                       train_run_id=None)
-
-
-def pool_batchnorm_statistics(rank_buffers: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """One set of BatchNorm running statistics from every data-parallel rank's own (see the module
-    doc): mean of the means; mean of the variances plus the variance of the means (population, so
-    that identical ranks give back their own statistics exactly)."""
-    if not rank_buffers or not rank_buffers[0]:
-        return {}
-    pooled: dict[str, torch.Tensor] = {}
-    for name, first in rank_buffers[0].items():
-        stacked = torch.stack([b[name] for b in rank_buffers if name in b])
-        if name.endswith("running_mean"):
-            pooled[name] = stacked.double().mean(0).to(first.dtype)
-        elif name.endswith("running_var"):
-            means = torch.stack([b[name[:-len("running_var")] + "running_mean"] for b in rank_buffers]).double()
-            spread = means.var(0, unbiased=False) if len(rank_buffers) > 1 else torch.zeros_like(means[0])
-            pooled[name] = (stacked.double().mean(0) + spread).to(first.dtype)
-        else:  # num_batches_tracked and any other buffer: the same on every rank, rank 0's
-            pooled[name] = first
-    return pooled
 
 
 # ----------------------------------------------------------------------------- exports

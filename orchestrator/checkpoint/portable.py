@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import struct
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
@@ -150,6 +151,7 @@ def write_rank_file(engine, directory: str, rank: int, gather: Callable) -> list
     for r, items in enumerate(everyone):
         for item in items:
             first_holder.setdefault((item[0], tuple(item[1])), r)
+    held = _with_pooled_batchnorm_statistics(held, gather)
     tensors: dict[str, torch.Tensor] = {}
     records: list[dict] = []
     for lt in held:
@@ -171,6 +173,55 @@ def write_rank_file(engine, directory: str, rank: int, gather: Callable) -> list
         rec["file"] = portable_file(rank)
         rec["begin"], rec["end"] = spans.pop(rec.pop("entry"))
     return records
+
+
+def pool_batchnorm_statistics(rank_buffers: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One set of BatchNorm running statistics from several data-parallel ranks' own: mean of the
+    means; mean of the variances plus the variance of the means (population, so that identical
+    ranks give back their own statistics exactly). That is the variance of the union of the ranks'
+    batches: what one process seeing the whole global batch would have tracked. Other buffers
+    (num_batches_tracked) are the same on every rank: the first rank's."""
+    if not rank_buffers or not rank_buffers[0]:
+        return {}
+    pooled: dict[str, torch.Tensor] = {}
+    for name, first in rank_buffers[0].items():
+        stacked = torch.stack([b[name] for b in rank_buffers if name in b])
+        if name.endswith("running_mean"):
+            pooled[name] = stacked.double().mean(0).to(first.dtype)
+        elif name.endswith("running_var"):
+            means = torch.stack([b[name[:-len("running_var")] + "running_mean"] for b in rank_buffers]).double()
+            spread = means.var(0, unbiased=False) if len(rank_buffers) > 1 else torch.zeros_like(means[0])
+            pooled[name] = (stacked.double().mean(0) + spread).to(first.dtype)
+        else:
+            pooled[name] = first
+    return pooled
+
+
+_BATCHNORM_STATISTICS = (".running_mean", ".running_var")
+
+
+def _with_pooled_batchnorm_statistics(held: list[LocalTensor], gather: Callable) -> list[LocalTensor]:
+    """Collective. BatchNorm running statistics are per rank (each data-parallel rank tracks its
+    own batches; its rank file keeps them for an exact same-layout resume). The layout-free state
+    holds one copy of each, so it holds them pooled over every rank that holds the same tensor
+    (pool_batchnorm_statistics): a resume under another layout, an export and evaluation then
+    start from the statistics of the whole global batch, not from rank 0's. Ranks that saw the
+    same data (tensor-parallel peers, one rank) pool to their own values exactly."""
+    def is_statistic(lt: LocalTensor) -> bool:
+        return lt.param is None and lt.key.startswith("model/") and lt.key.endswith(_BATCHNORM_STATISTICS)
+
+    mine = {lt.key: (tuple(p.global_offsets for p in lt.declaration.pieces), lt.tensor.cpu())
+            for lt in held if is_statistic(lt)}
+    everyone = gather(mine)
+    where = {key: offsets for key, (offsets, _) in mine.items()}
+    # The same tensors at the same global offsets: replicas of one module's statistics.
+    holders = [{key: t for key, (_, t) in r.items()} for r in everyone
+               if r and {key: offsets for key, (offsets, _) in r.items()} == where]
+    if not mine or len(holders) < 2:
+        return held
+    pooled = pool_batchnorm_statistics(holders)
+    return [dataclasses.replace(lt, tensor=pooled[lt.key].to(lt.tensor.device)) if lt.key in pooled else lt
+            for lt in held]
 
 
 # A piece is written as up to MAX_BLOCKS blocks along its outermost stored dim (at least

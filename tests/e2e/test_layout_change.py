@@ -123,6 +123,24 @@ def test_resume_under_another_layout(a, b, model, uninterrupted, tmp_path, data_
     _check_losses(reference, resumed)
 
 
+def test_layout_free_state_holds_batchnorm_statistics_pooled_over_data_parallel_ranks(uninterrupted):
+    """Each dp rank tracks its own BatchNorm statistics (kept in its rank file for an exact
+    same-layout resume); the layout-free state, which every other layout, export and evaluation
+    reads, holds them pooled over the ranks (orchestrator/checkpoint/portable.py), not rank 0's."""
+    from orchestrator.checkpoint import safe_load
+    from orchestrator.checkpoint.portable import pool_batchnorm_statistics
+
+    saved = uninterrupted("dp2z1", []) / "checkpoints" / f"step_{SAVED:08d}"
+    portable, _ = read_full_state(str(saved))
+    ranks = [safe_load(saved / f"rank_{r:05d}.pt", map_location="cpu")["extra"]["buffers"] for r in (0, 1)]
+    statistics = [n for n in ranks[0] if n.endswith(("running_mean", "running_var"))]
+    assert statistics, sorted(ranks[0])
+    pooled = pool_batchnorm_statistics(ranks)
+    for name in statistics:
+        assert not torch.equal(ranks[0][name], ranks[1][name]), name  # the ranks saw other batches
+        assert torch.equal(portable[f"model/{name}"], pooled[name]), name
+
+
 def test_resume_under_another_layout_through_s3(uninterrupted, tmp_path, data_cache, s3):  # noqa: F811
     """One process -> dp2 x ep2 with the checkpoint on S3 (moto's server): each rank reads only the
     chunks it needs, by ranged GETs; under ep2 a rank needs half of every PEER table."""

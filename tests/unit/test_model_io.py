@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from model.lm import build_model
+from orchestrator.checkpoint.portable import pool_batchnorm_statistics
 from orchestrator.errors import ConfigError
-from orchestrator.model_io import ModelState, build_loaded_model, pool_batchnorm_statistics, read_model_state
+from orchestrator.model_io import ModelState, build_loaded_model, read_model_state
 from tests.e2e.test_evaluate_generate import write_test_export
 from tests.unit.test_model_lm import tiny_config
 
