@@ -5,7 +5,9 @@ same active FLOPs per token.
     python bench/train_step.py --device cuda --dtype bfloat16 --model peer_1m --batch 8 --seq-len 2048
 
 A step is forward, loss, backward and a torch AdamW step of the LM from model/ (no DeepSpeed:
-its engine adds the same overhead to every variant). Variants:
+its engine adds the same overhead to every variant). The AdamW is the trainer's
+(orchestrator/optim.py: fused at ZeRO 0); `--optimizer single-tensor` takes torch's default path,
+as the figures before 2026-12-03 did. Variants:
   peer/reference, peer/fused   conf/model/<--model>.yaml (ffn=peer) with model.peer.impl set
   dense/equal-flops            the same LM with the PEER block replaced by a dense MLP whose
                                d_ff gives that block the PEER block's forward FLOPs per token
@@ -32,6 +34,7 @@ from model.config import ModelConfig, MoEConfig, PeerConfig  # noqa: E402
 from model.flops import count_model  # noqa: E402
 from model.lm import build_model  # noqa: E402
 from model.mlp import DenseMLP  # noqa: E402
+from orchestrator.optim import adamw_kwargs  # noqa: E402
 
 CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "model")
 
@@ -93,6 +96,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--optimizer", default="trainer", choices=["trainer", "single-tensor"],
+                        help="trainer: AdamW as the trainer builds it at ZeRO 0 (fused); single-tensor: torch's default")
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -102,12 +107,14 @@ def main() -> None:
     print(f"training step, model={args.model} (d={peer_cfg.d_model}, layers={peer_cfg.num_layers}, "
           f"N={peer_cfg.peer.num_experts}, h={peer_cfg.peer.num_heads}, k={peer_cfg.peer.top_k}), "
           f"{args.batch} x {args.seq_len} tokens, {args.device} {args.dtype}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, median of {args.steps} steps")
+          f"{torch.get_num_threads()} threads, AdamW {args.optimizer}, median of {args.steps} steps")
     print(f"{'variant':<18} {'sparse-block FFN':<22} {'train GFLOP/tok':>15} {'step':>9} {'tokens/s':>10} {'vs dense/eq':>11}")
     rows = {}
     for name, (cfg, sparse_d_ff) in all_variants.items():
         model = build(cfg, sparse_d_ff, peer_cfg, device, dtype)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        params = list(model.parameters())
+        path = adamw_kwargs(None, params) if args.optimizer == "trainer" else {"foreach": False}
+        opt = torch.optim.AdamW(params, lr=1e-4, **path)
         gen = torch.Generator().manual_seed(1)
         tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len + 1), generator=gen).to(device)
         times = []

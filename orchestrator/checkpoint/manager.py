@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 
 from compat import save_checkpoint_recording_write_errors
-from orchestrator.checkpoint.portable import build_index, write_rank_file
+from orchestrator.checkpoint.portable import PORTABLE_FILE, build_index, write_rank_file
 from orchestrator.config import CheckpointConfig, flatten
 from orchestrator.errors import ConfigError
 from orchestrator.storage import Storage, redact
@@ -310,6 +310,7 @@ class Loaded:
     client_state: dict
     rank_state: dict
     resharded: Optional[str] = None  # the line saying from which layout, when it was resharded
+    downloaded: Optional[str] = None  # remote same-layout resume: the bytes each rank fetched
 
 
 class CheckpointManager:
@@ -525,10 +526,12 @@ class CheckpointManager:
             parent, problem = self.storage.root, None
             to_check = [n for n, rec in files.items() if rec["rank"] == rank]
         else:
-            # Every rank needs DeepSpeed's shared files and its own rank file locally.
+            # Every rank needs DeepSpeed's shared files and its own rank file locally (DeepSpeed's
+            # loader opens every ZeRO partition file of its model-parallel rank), not the
+            # layout-free state_rank_* files, which only a resume under another layout reads.
             temp_dir = self._staging_dir(info.tag + ".load", rank)
             parent = temp_dir
-            to_check = [n for n in files if not n.startswith("rank_") or n == mine]
+            to_check = [n for n in files if not (n.startswith("rank_") or PORTABLE_FILE.match(n)) or n == mine]
         problem = None
         for name in to_check:
             rec = files[name]
@@ -547,8 +550,9 @@ class CheckpointManager:
                 break
         if mine not in files:
             problem = problem or f"{mine} is missing"
-        problems = _gather(problem)
-        bad = [p for p in problems if p]
+        fetched = sum(files[n]["size"] for n in to_check) if temp_dir is not None else 0
+        outcomes = _gather((problem, fetched))
+        bad = [p for p, _ in outcomes if p]
         if bad:
             if rank == 0:
                 self.log(f"checkpoint: {info.tag} in {self.storage.display()} is damaged ({bad[0]}); "
@@ -568,8 +572,12 @@ class CheckpointManager:
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load {info.tag} from {self.storage.display()}")
         set_rng_state(rank_state.pop("rng"))
+        downloaded = None
         if temp_dir:
             shutil.rmtree(temp_dir, ignore_errors=True)
-        return Loaded(info, client_state, rank_state)
+            read = [n for _, n in outcomes]
+            downloaded = (f"bytes read per rank {min(read):,}-{max(read):,} of "
+                          f"{sum(rec['size'] for rec in files.values()):,} (the checkpoint's files)")
+        return Loaded(info, client_state, rank_state, downloaded=downloaded)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
 import dataclasses
 from dataclasses import dataclass, field
@@ -39,6 +40,9 @@ _TORCH_DTYPES = {v: k for k, v in _DTYPES.items()}
 
 def portable_file(rank: int) -> str:
     return f"state_rank_{rank:05d}.safetensors"
+
+
+PORTABLE_FILE = re.compile(r"^state_rank_\d{5}\.safetensors$")
 
 
 class DamagedChunk(Exception):

@@ -224,6 +224,16 @@ def test_s3_round_trip_and_resume(tmp_path, data_cache, reference, s3):
     second = launch(args, cwd=tmp_path, extra_env=env)
     assert second.returncode == 0, describe(second)
     assert "resumed from step_00000004" in second.stdout
+    # A same-layout resume fetches DeepSpeed's files and its own rank file, not the layout-free
+    # state_rank_* files (a second copy of the tensors, read only under another layout).
+    sizes = {name: rec["size"] for name, rec in
+             json.loads(fs.cat_file("ckpt-bucket/runs/exp1/step_00000004/manifest.json"))["files"].items()}
+    portable = sum(size for name, size in sizes.items() if name.startswith("state_rank_"))
+    line = next(ln for ln in second.stdout.splitlines() if "resumed from step_00000004" in ln)
+    read, total = (int(x.replace(",", "")) for x in
+                   re.search(r"bytes read per rank ([\d,]+)-[\d,]+ of ([\d,]+)", line).groups())
+    assert portable > 0 and total == sum(sizes.values())
+    assert read == total - portable, (read, total, portable, line)
     run_dir = tmp_path / "runs" / "default"
     assert all_losses(run_dir) == reference["one"]
     # Credentials never reach logs, saved configs, manifests or MLflow.
