@@ -92,6 +92,8 @@ class PEER(nn.Module):
     expert for one token count twice) to the non-persistent int64 buffer `usage_counts` [N].
     """
 
+    retrieved_rows: torch.Tensor | None = None  # see track_retrieved_rows
+
     def __init__(
         self,
         d_model: int,
@@ -129,6 +131,9 @@ class PEER(nn.Module):
 
         self.track_usage = False
         self.register_buffer("usage_counts", torch.zeros(cfg.num_experts, dtype=torch.int64), persistent=False)
+        # Row-sparse optimizer (orchestrator/row_sparse_adamw.py): None, or a bool mask [N] of the
+        # U/V rows this layer's training forwards retrieved since the last optimizer step.
+        self.retrieved_rows = None
         self.reset_parameters()
 
     @torch.no_grad()
@@ -185,6 +190,20 @@ class PEER(nn.Module):
     def reset_usage(self) -> None:
         self.usage_counts.zero_()
 
+    def track_retrieved_rows(self) -> torch.Tensor:
+        """Start recording the rows of U and V that training forwards retrieve (a bool mask [N] on
+        the tables' device, OR-ed over forwards until its owner clears it); returns the mask."""
+        if self.retrieved_rows is None:
+            self.retrieved_rows = torch.zeros(self.num_experts, dtype=torch.bool, device=self.expert_down.weight.device)
+        return self.retrieved_rows
+
+    def record_retrieved(self, idx: torch.Tensor) -> None:
+        """Mark the rows `idx` (any shape) as retrieved, when recording. Only forwards that build a
+        graph count (training, grad enabled; an activation-checkpoint recompute marks the same rows
+        again): evaluation under no_grad must not make rows look retrieved."""
+        if self.retrieved_rows is not None and self.training and torch.is_grad_enabled():
+            self.retrieved_rows[idx.reshape(-1)] = True
+
     def queries(self, x_TD: torch.Tensor) -> torch.Tensor:
         """All heads' queries [T, H, Q] (BatchNorm applied to the flat [T, F] features)."""
         q_TF = self.query(x_TD)
@@ -211,6 +230,7 @@ class PEER(nn.Module):
         (model/kernels/: reference, or fused = Triton on CUDA and chunked torch ops on CPU); all
         compute the same values and gradients.
         """
+        self.record_retrieved(idx_THK)
         return peer_expert_mix(
             x_TD, self.expert_down.weight, self.expert_up.weight, gates_THK, idx_THK, self.activation, self.impl
         )

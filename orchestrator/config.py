@@ -48,6 +48,11 @@ class OptimConfig:
     beta2: float = doc("AdamW beta2")
     eps: float = doc("AdamW epsilon")
     grad_clip: float = doc("clip the global gradient norm to this value; 0 disables")
+    # A default so that code building an OptimConfig by hand need not name it; the YAML carries the key.
+    expert_tables: str = dataclasses.field(default="adamw", metadata={
+        "doc": "optimizer of the PEER expert tables U and V: adamw (every row every step, like the rest of the model) "
+               "or row_sparse (lazy AdamW: only the rows retrieved in the step are updated, with per-row moments and "
+               "bias correction; orchestrator/row_sparse_adamw.py); the rest of the model stays on AdamW"})
 
 
 @dataclass

@@ -7,6 +7,9 @@ PEER layer (268 M numbers in U and V) that measured 1977 ms per step against 154
 (bench/RESULTS.md, "A million experts"). Fused AdamW is the same algorithm (decoupled weight decay, bias correction);
 its results differ from the single-tensor path only in the last bits of floating-point rounding
 (tests/unit/test_optim.py states the tolerance).
+
+`optim.expert_tables=row_sparse` keeps this AdamW for every parameter but the PEER expert tables,
+which get a lazy row update instead (orchestrator/row_sparse_adamw.py; how it differs there).
 """
 
 from __future__ import annotations
@@ -29,7 +32,19 @@ def adamw_kwargs(o: OptimConfig, params, zero_stage: int = 0) -> dict:
     return {"fused": True} if devices <= {"cpu", "cuda"} else {"foreach": True}
 
 
-def build_optimizer(param_groups: list[dict], o: OptimConfig, zero_stage: int = 0) -> torch.optim.Optimizer:
-    """AdamW over `param_groups` (orchestrator/engine.param_groups) with the run's settings."""
-    return torch.optim.AdamW(param_groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                             weight_decay=o.weight_decay, **adamw_kwargs(o, param_groups, zero_stage))
+def build_optimizer(param_groups: list[dict], o: OptimConfig, zero_stage: int = 0, model=None,
+                    dp_group=None, dp_size: int = 1) -> torch.optim.Optimizer:
+    """AdamW over `param_groups` (orchestrator/engine.param_groups) with the run's settings.
+
+    optim.expert_tables=row_sparse: the same AdamW, but the PEER tables of `model` get the lazy row
+    update (orchestrator/row_sparse_adamw.py); dp_group/dp_size: where the retrieved rows are
+    agreed (None: the default group)."""
+    kwargs = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
+                  **adamw_kwargs(o, param_groups, zero_stage))
+    if o.expert_tables == "row_sparse":
+        if model is None:
+            raise ValueError("optim.expert_tables=row_sparse needs the model (its PEER layers record the retrieved rows)")
+        from orchestrator.row_sparse_adamw import build_row_sparse_adamw
+
+        return build_row_sparse_adamw(param_groups, model, dp_group, dp_size, **kwargs)
+    return torch.optim.AdamW(param_groups, **kwargs)

@@ -32,6 +32,7 @@ def validate(cfg: TrainConfig, *, cuda_device_count: int = 0) -> None:
     _validate_trainer(cfg.trainer, cfg.cluster.gpus_per_node if slurm else cuda_device_count, slurm)
     _validate_cluster(cfg.cluster)  # before the parallel degrees, which are checked against it
     _validate_parallel(cfg)
+    _validate_expert_tables(cfg, cuda_device_count)
     _validate_io(cfg)
     if cfg.isoflop is not None:
         _validate_isoflop(cfg.isoflop)
@@ -213,6 +214,30 @@ def _validate_optim(o: OptimConfig) -> None:
     if not o.eps > 0:
         raise ConfigError("optim.eps", o.eps, "must be positive", "set optim.eps=1e-8")
     _positive("optim.grad_clip", o.grad_clip, 0.0)
+
+
+def _validate_expert_tables(cfg: TrainConfig, cuda_device_count: int) -> None:
+    """optim.expert_tables=row_sparse needs DeepSpeed to call step() on our optimizer itself, with
+    the tables as real [N, d] parameters (orchestrator/row_sparse_adamw.py)."""
+    value = cfg.optim.expert_tables
+    _one_of("optim.expert_tables", value, ("adamw", "row_sparse"))
+    if value != "row_sparse":
+        return
+    p, t = cfg.parallel, cfg.trainer
+    if p.zero_stage > 0:
+        raise ConfigError("optim.expert_tables", value, f"cannot run under parallel.zero_stage={p.zero_stage}: ZeRO "
+                          "partitions the tables into flat buffers and steps those, not rows",
+                          "set parallel.zero_stage=0 or optim.expert_tables=adamw")
+    if p.pp > 1:
+        raise ConfigError("optim.expert_tables", value, f"is not supported with parallel.pp={p.pp} (the pipeline "
+                          "engine's optimizer path is not covered)", "set parallel.pp=1 or optim.expert_tables=adamw")
+    gpus = cfg.cluster.gpus_per_node if cfg.cluster.kind == "slurm" else cuda_device_count  # as _validate_trainer
+    on_gpu = t.device == "cuda" or (t.device == "auto" and gpus > 0)
+    if t.precision == "bf16" or (t.precision == "auto" and on_gpu):
+        raise ConfigError("optim.expert_tables", value, f"cannot run in bf16 (trainer.precision={t.precision}"
+                          f"{' on this GPU' if t.precision == 'auto' else ''}): DeepSpeed's bf16 optimizer steps flat "
+                          "fp32 copies of the parameters, not the tables' rows",
+                          "set trainer.precision=fp32 or optim.expert_tables=adamw")
 
 
 def _validate_trainer(t: TrainerConfig, cuda_device_count: int, slurm_request: bool = False) -> None:

@@ -140,11 +140,18 @@ def initialize(model: nn.Module, cfg: TrainConfig, ds_config: dict, mpu=None):
         # ZeRO reduces and partitions expert parameters over the expert-data-parallel group only;
         # it finds them through param groups marked 'moe'.
         groups = split_params_into_different_moe_groups_for_optimizer(groups)
-    optimizer = build_optimizer(groups, o, cfg.parallel.zero_stage)
+    optimizer = build_optimizer(groups, o, cfg.parallel.zero_stage, model=model,
+                                dp_group=mpu.get_data_parallel_group() if mpu is not None else None,
+                                dp_size=cfg.parallel.dp)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o, cfg.trainer.max_steps))
     with expert_params_count_as_moe(model):
         engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                        config=ds_config, mpu=mpu)
+    if o.expert_tables == "row_sparse" and engine.optimizer is not optimizer:
+        # A wrapper (ZeRO, bf16) steps flat buffers, not the tables' rows; validation refuses those
+        # layouts, this catches any other DeepSpeed setting that wraps the optimizer.
+        raise RuntimeError(f"optim.expert_tables=row_sparse: DeepSpeed wrapped the optimizer in "
+                           f"{type(engine.optimizer).__name__}, which would not step the table rows")
     return engine, scheduler
 
 

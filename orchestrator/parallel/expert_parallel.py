@@ -225,6 +225,7 @@ class DimShardedPEER(PEER):
         num_tokens, num_retrieved = x_TS.shape[0], self.num_heads * self.top_k
         idx_TM = idx_THK.reshape(num_tokens, num_retrieved)
         if self.ep == 1:  # tensor parallelism alone: every token is here, nothing to exchange
+            self.record_retrieved(idx_TM)
             return gathered_dot(x_TS, self.expert_down.weight, idx_TM, self.impl), (num_tokens, None, None, idx_TM)
         group, ep, stats = self.group, self.ep, self.comm
         if self.equal_token_counts:
@@ -241,6 +242,8 @@ class DimShardedPEER(PEER):
         x_AC = all_to_all(x_ETC, rows_from, mine, group, stats)
         # 2. indices of every token of the group (int32 on the wire; N < 2^31).
         idx_AM = exchange(idx_TM.to(torch.int32).repeat(ep, 1), rows_from, mine, group, stats).long()
+        # The rows of every token of the group touch this shard: the same set on every ep rank.
+        self.record_retrieved(idx_AM)
         # 3. partial dots over the local columns, summed at each token's owner.
         part_AM = gathered_dot(x_AC, self.expert_down.weight, idx_AM, self.impl)
         part_ETM = all_to_all(part_AM, mine, rows_from, group, stats)

@@ -3,7 +3,8 @@
     python -m tests.distributed._ep_worker <scenario> <dtype> <out_dir>   (RANK, WORLD_SIZE, MASTER_* set)
 
 Scenarios: layer (sharded vs unsharded PEER, forward and gradients, byte count), uneven (ranks
-with different token counts), engine (DeepSpeed engine: what each rank owns). Raises on mismatch.
+with different token counts), engine (DeepSpeed engine: what each rank owns), row_sparse (the
+row-sparse optimizer on the sharded tables against the unsharded layer). Raises on mismatch.
 """
 
 from __future__ import annotations
@@ -153,12 +154,62 @@ def engine(zero_stage: int) -> dict:
             "has_moe_layers": bool(eng.has_moe_layers)}
 
 
+def row_sparse(steps: int) -> dict:
+    """optim.expert_tables=row_sparse on a 2-rank expert-parallel PEER layer (float64, no query
+    BatchNorm, so that routing is per token): each rank feeds its own tokens; the reference is the
+    unsharded layer fed both ranks' tokens, stepped by the same optimizer in one process. Only the
+    tables are optimized (the routing weights stay fixed on both sides). Every rank must end with
+    its columns of the reference's tables and moments and with the reference's per-row counts."""
+    from orchestrator.row_sparse_adamw import RowSparseAdamW, peer_tables
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cfg = PeerConfig(num_experts=256, num_heads=2, top_k=4, d_key=8, query_batchnorm=False,
+                     activation="gelu", impl="reference")
+    torch.manual_seed(0)
+    ref = PEER(16, cfg, init_std=0.5).double()
+    sharded = DimShardedPEER.from_peer(copy.deepcopy(ref), dist.group.WORLD, f"ep_size_{world}")
+    kwargs = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, foreach=False)
+
+    def tables(layer):
+        return [layer.expert_down.weight, layer.expert_up.weight]
+
+    ref_opt = RowSparseAdamW(tables(ref), peer_tables(ref), **kwargs)
+    opt = RowSparseAdamW(tables(sharded), peer_tables(sharded), dp_group=dist.group.WORLD, dp_size=world, **kwargs)
+    for step in range(steps):
+        xs = [torch.randn(6, 16, generator=torch.Generator().manual_seed(1000 * step + r), dtype=torch.float64)
+              for r in range(world)]
+        ws = [torch.randn(6, 16, generator=torch.Generator().manual_seed(1000 * step + r + 500), dtype=torch.float64)
+              for r in range(world)]
+        (ref(torch.cat(xs)) * torch.cat(ws)).sum().backward()
+        (sharded(xs[rank]) * ws[rank]).sum().backward()
+        ref_opt.step()
+        opt.step()
+        for o in (ref_opt, opt):
+            o.zero_grad()
+    cols = slice(sharded.col_start, sharded.col_start + sharded.cols)
+    counts = []
+    for mine, full in zip(tables(sharded), tables(ref)):
+        close("table", mine, full[:, cols], TOL["float64"])
+        for key in ("exp_avg", "exp_avg_sq"):
+            close(key, opt.state[mine][key], ref_opt.state[full][key][:, cols], TOL["float64"])
+        if not torch.equal(opt.state[mine]["row_step"], ref_opt.state[full]["row_step"]):
+            raise AssertionError(f"rank {rank}: per-row step counts differ from the unsharded layer's")
+        gathered = [torch.zeros_like(opt.state[mine]["row_step"]) for _ in range(world)]
+        dist.all_gather(gathered, opt.state[mine]["row_step"])
+        counts.append([int(c.sum()) for c in gathered])
+    row_step = ref_opt.state[ref.expert_down.weight]["row_step"]
+    return {"row_step_sums_by_rank": counts, "never_retrieved": int((row_step == 0).sum()),
+            "max_row_step": int(row_step.max())}
+
+
 def main() -> None:
     scenario, arg, out_dir = sys.argv[1:4]
     dist.init_process_group("gloo")
     try:
         if scenario == "engine":
             result = engine(int(arg))
+        elif scenario == "row_sparse":
+            result = row_sparse(int(arg))
         else:
             result = layer(arg, uneven=scenario == "uneven")
         with open(os.path.join(out_dir, f"rank{dist.get_rank()}.json"), "w") as f:

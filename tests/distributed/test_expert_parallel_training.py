@@ -20,7 +20,10 @@ pytestmark = pytest.mark.slow
 # ZeRO-1 with a tight clip: gradient clipping is active every step (grad norms start near 3), and
 # the norm must count each expert shard once across the ep group for ep=2 to equal ep=1.
 @pytest.mark.parametrize("model,extra", [("peer", []), ("moe", []),
-                                         ("peer", ["parallel.zero_stage=1", "optim.grad_clip=0.2"])])
+                                         ("peer", ["parallel.zero_stage=1", "optim.grad_clip=0.2"]),
+                                         # Row-sparse tables: the retrieved rows must be agreed over
+                                         # the dp replicas (ep=1) and be the same on both ep shards.
+                                         ("peer", ["optim.expert_tables=row_sparse", "optim.grad_clip=0.2"])])
 def test_ep2_matches_ep1(tmp_path, data_cache, model, extra):
     common = TINY + [f"model={model}", "trainer.max_steps=20", "trainer.log_every=1", "trainer.eval_every=0",
                      "checkpoint.every_steps=0", "tracking.enabled=false", f"data.cache_dir={data_cache}",

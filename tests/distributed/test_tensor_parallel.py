@@ -141,3 +141,17 @@ def test_tensor_parallel_training_matches_one_process(tmp_path, data_cache, one_
     out = proc.stdout + proc.stderr
     assert "rank = (pp_rank * dp + dp_rank) * tp + tp_rank" in out and "tensor parallel: this rank holds" in out
     _check_same_losses(one_process(model, dp), _losses_and_norms(tmp_path / "default"))
+
+
+@pytest.mark.slow
+def test_row_sparse_tables_under_dp_ep_tp_match_one_process(tmp_path, data_cache):
+    """optim.expert_tables=row_sparse at dp=2 x ep=2 x tp=2 against one process (2 accumulation
+    steps): the tp ranks route the same tokens and record the same rows, the ep ranks record their
+    group's rows, the mask is OR-ed over the dp group (the grid's, under tp); any rank updating
+    another set of rows than the one process would change the losses from step 2 on."""
+    row_sparse = COMMON + ["model=peer", "optim.expert_tables=row_sparse", f"data.cache_dir={data_cache}"]
+    one = launch(row_sparse + ["trainer.grad_accum_steps=2", f"run.root={tmp_path}/one"], cwd=tmp_path)
+    assert one.returncode == 0, describe(one)
+    sharded = launch(row_sparse + LAYOUTS["dp2_ep2_tp2"] + [f"run.root={tmp_path}/sharded"], cwd=tmp_path)
+    assert sharded.returncode == 0, describe(sharded)
+    _check_same_losses(_losses_and_norms(tmp_path / "one" / "default"), _losses_and_norms(tmp_path / "sharded" / "default"))
