@@ -87,47 +87,6 @@ def route_checkpoint_loads(engine, load: Callable[..., Any]) -> None:
     ckpt_engine.load = types.MethodType(routed, ckpt_engine)
 
 
-def save_checkpoint_recording_write_errors(engine, save_dir: str, tag: str, client_state: dict,
-                                           already_failed: Any = None) -> Any:
-    """`engine.save_checkpoint(save_dir, tag=tag, ...)`, with a failed write (disk full, permission
-    denied, a read-only mount) recorded instead of raised; returns the first such exception, or None.
-
-    Why: DeepSpeed's save is collective (a barrier before its writes, a tag check, a barrier after
-    them), and a write that raises on one rank leaves every other rank waiting at the last barrier
-    until the collective timeout. Recording the error lets the failing rank run on through the same
-    collectives, so the caller can tell every rank at once (orchestrator/checkpoint/manager.py).
-    Every file DeepSpeed writes goes through the public `engine.checkpoint_engine` (its `makedirs`
-    and `save`, replaced on the instance for this call); the one that does not, the ZeRO recovery
-    scripts rank 0 copies in, goes through the private `_copy_recovery_script`, wrapped likewise.
-    With `already_failed` (an exception of the caller's own preparation) nothing is written: the
-    call only takes part in the save's collectives, and returns that exception."""
-    failures: list = [already_failed] if already_failed is not None else []
-    ckpt_engine = engine.checkpoint_engine
-
-    def recording(method: Callable) -> Callable:
-        def call(*args, **kwargs):
-            if failures:
-                return None  # one cause is enough; the rest of this save is discarded
-            try:
-                return method(*args, **kwargs)
-            except Exception as exc:  # torch.save reports a full disk as RuntimeError, not OSError
-                failures.append(exc)
-                return None
-        return call
-
-    replaced = {"save": ckpt_engine.save, "makedirs": ckpt_engine.makedirs}
-    for name, method in replaced.items():
-        setattr(ckpt_engine, name, recording(method))
-    engine._copy_recovery_script = recording(engine._copy_recovery_script)
-    try:
-        engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
-    finally:
-        for name in replaced:
-            delattr(ckpt_engine, name)  # back to the class's methods
-        del engine._copy_recovery_script
-    return failures[0] if failures else None
-
-
 def expert_groups(ep: int, group_name: str, mpu=None) -> tuple[Any, Any]:
     """(expert-parallel group, expert-data-parallel group) named `group_name` (DeepSpeed's
     `ep_size_<ep>`), created on first use (collective: every rank must call it). DeepSpeed creates

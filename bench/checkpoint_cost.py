@@ -1,7 +1,7 @@
 """Checkpoint cost: save and load time and size, for the default model and for ones with a PEER
 layer of 256^2 and 1024^2 experts, through the same CheckpointManager the trainer uses (DeepSpeed
-engine, ZeRO 0, fp32, one process, local disk); then the layout-free part: its bytes, a reshard
-load (the path any other layout takes), and an export with its peak memory.
+engine, ZeRO 0, fp32, one process, local disk); then the tensor files' bytes, a reshard load (the
+path any other layout takes), and an export with its peak memory.
 
     python bench/checkpoint_cost.py [--repeats 3] [--dir /tmp/ckpt-bench] [--models 0,1,2]
 
@@ -63,14 +63,15 @@ def portable_costs(manager, engine, cfg, step_dir: Path, export_dir: str, max_sh
     import subprocess
 
     from orchestrator.checkpoint.manager import layout_of
+    from orchestrator.checkpoint.reshard import reshard
     from orchestrator.config import to_dict
 
     portable_bytes = sum(f.stat().st_size for f in step_dir.glob("state_rank_*.safetensors"))
     info = next(i for i in manager.complete_checkpoints() if i.tag == step_dir.name)
     layout = layout_of(to_dict(cfg))
     started = time.perf_counter()
-    loaded = manager._try_reshard(engine.deepspeed_engine if hasattr(engine, "deepspeed_engine") else engine,
-                                  info, layout, layout)
+    loaded = reshard(manager, engine.deepspeed_engine if hasattr(engine, "deepspeed_engine") else engine,
+                     info, layout, layout)
     reshard_s = time.perf_counter() - started
     assert loaded is not None
     shutil.rmtree(export_dir, ignore_errors=True)
@@ -134,8 +135,8 @@ def main() -> None:
     for name, n, size, s, l, _, _ in rows:
         mb = size / 1e6
         print(f"{name:30s} {n / 1e6:9.2f}M {mb:9.1f} {s:8.2f} {mb / s:7.0f} {l:8.2f} {mb / l:7.0f}")
-    print("(save: DeepSpeed files + rank file + portable shards + SHA-256 of each + commit; load (same layout): "
-          "verify checksums + weights-only load; median of", args.repeats, "repeats)")
+    print("(save: rank file + tensor file streamed + SHA-256 of each + commit; load (same layout): ranged reads "
+          "of every chunk + per-chunk SHA-256 + copy into the engine + the rank file; median of", args.repeats, "repeats)")
     print(f"{'model':30s} {'portable MB':>11s} {'reshard s':>9s} {'export s':>8s} {'export MB':>9s} "
           f"{'export peak MB':>14s} {'RSS built/saved/end MB':>24s}")
     for name, _, _, _, _, x, rss in rows:

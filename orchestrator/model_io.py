@@ -11,12 +11,12 @@
         and the model-0000i-of-0000K.safetensors shards it names; tensor names are the keys of
         `model.lm.build_model(cfg.model).state_dict()` (one process, ep = 1, buffers included).
 
-Checkpoints whose model file holds the whole model (parallel.ep = tp = pp = 1, any data-parallel
-degree and ZeRO stage 0-2) are read from DeepSpeed's mp_rank_00_model_states.pt 'module' plus the
-layer_*_expert_*_model_states.pt files in which DeepSpeed keeps MoE experts, so that every data-
-parallel rank's BatchNorm statistics can be pooled (below). Checkpoints of ep, tp or pp > 1 are
-gathered from their layout-free shards by `orchestrator.checkpoint.read_model_state`, which hold
-the BatchNorm statistics pooled the same way when the checkpoint was saved.
+Checkpoints are gathered from their layout-free shards by `orchestrator.checkpoint.read_model_state`
+(any layout), which hold the BatchNorm statistics pooled over the data-parallel ranks (below) when
+the checkpoint was saved. Checkpoints written before the portable state, with the whole model in
+DeepSpeed's mp_rank_00_model_states.pt (parallel.ep = tp = pp = 1, any data-parallel degree and
+ZeRO stage 0-2), are read from that file's 'module' plus the layer_*_expert_*_model_states.pt files
+in which DeepSpeed keeps MoE experts, pooling every rank file's BatchNorm statistics.
 
 BatchNorm running statistics (PEER's and PKM's query norm). Each data-parallel rank updates its
 own from its own batches, and the trainer saves every rank's copy in that rank's file (so resume
@@ -121,9 +121,9 @@ def _read_checkpoint(step_dir: Storage, source: str) -> ModelState:
     config = manifest.get("config") or {}
     par = config.get("parallel", {})
     layout = {k: par.get(k, 1) for k in ("ep", "tp", "pp")}
-    if any(v != 1 for v in layout.values()):
+    if "portable" in manifest or any(v != 1 for v in layout.values()):
         return _read_portable(step_dir, shown, manifest)
-    files = manifest["files"]
+    files = manifest["files"]  # written before the portable state: DeepSpeed's model file
     wanted = [n for n in files if n == MODEL_FILE or _EXPERT_FILE.match(n) or _RANK_FILE.match(n)]
     if MODEL_FILE not in files:
         raise _refuse(shown, f"the manifest lists no {MODEL_FILE}", "pick another step dir")
@@ -174,7 +174,7 @@ def _read_portable(step_dir: Storage, shown: str, manifest: dict) -> ModelState:
     except DamagedChunk as exc:
         raise _refuse(shown, f"damaged ({exc})", "pick another step dir, e.g. the previous step") from None
     return ModelState(config=config, state_dict=state, step=step, source=shown, kind="checkpoint",
-                      train_run_id=None)
+                      train_run_id=manifest["portable"].get("mlflow_run_id"))
 
 
 # ----------------------------------------------------------------------------- exports

@@ -205,7 +205,7 @@ class Trainer:
             r.print(line)
         if resumed:
             r.print(f"resumed from {resumed.info.tag} in {self.checkpoints.storage.display()}"
-                    + (f"; {resumed.downloaded}" if resumed.downloaded else ""))
+                    + (f"; {resumed.bytes_read}" if resumed.bytes_read else ""))
             if self.state.step >= c.trainer.max_steps:
                 r.print(f"nothing to train: the run is already at step {self.state.step} "
                         f"(trainer.max_steps={c.trainer.max_steps}); raise trainer.max_steps to continue, "

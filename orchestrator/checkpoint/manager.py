@@ -3,13 +3,14 @@
 Layout under `checkpoint.dir` (a local path, file://, s3://, ...):
 
     step_00000200/
-        mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt, ...   DeepSpeed's own files
-        rank_00000.pt, rank_00001.pt, ...      per rank: RNG states, data position, extra state
+        state_rank_00000.safetensors, ...      per rank: its model and optimizer pieces, with global
+                                               coordinates (portable.py; indexed in the manifest)
+        rank_00000.pt, rank_00001.pt, ...      per rank: RNG states, data position, its own buffers
         manifest.json                          the commit marker, written last by rank 0
 
-A save is collective. Each rank lets DeepSpeed write into its own staging directory (beside the
+A save is collective. Each rank writes its two files into its own staging directory (beside the
 checkpoints for local storage, so that moving a file is a rename; in a local temp directory for
-remote storage), adds its rank file, hashes every file, and moves or uploads them. Only when every
+remote storage), hashes them, and moves or uploads them. Only when every
 rank has finished does rank 0 write manifest.json (one atomic rename or one object PUT) with the
 size and SHA-256 of every file and the resolved config. A directory without a manifest is invisible
 to resume, so a process killed at any moment of a save leaves nothing that a later run would load;
@@ -17,9 +18,12 @@ the next save of that step clears it.
 
 Loading picks the newest complete checkpoint (or `checkpoint.load_step`), refuses a config that
 changes what the checkpoint means, verifies sizes and checksums (every file is checked by one rank),
-falls back to the previous complete checkpoint when a file is damaged, and loads every file with
-torch's weights-only unpickler (DeepSpeed's own loader is replaced by one that allow-lists only the
-few DeepSpeed types its files contain), so a checkpoint cannot execute code.
+falls back to the previous complete checkpoint when a file is damaged, and loads rank files with
+torch's weights-only unpickler and tensors from safetensors (raw numbers and a JSON header), so a
+checkpoint cannot execute code. Every load, under the same layout or another, goes through the
+portable state (reshard.py), each rank reading only the chunks it needs. Checkpoints written before
+the portable state (DeepSpeed's own files) still resume under their own layout (`_try_load`, with
+DeepSpeed's loader replaced by one that allow-lists only the few DeepSpeed types its files contain).
 """
 
 from __future__ import annotations
@@ -41,8 +45,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from compat import save_checkpoint_recording_write_errors
-from orchestrator.checkpoint.portable import PORTABLE_FILE, build_index, write_rank_file
+from orchestrator.checkpoint.portable import build_index, write_rank_file
 from orchestrator.config import CheckpointConfig, flatten
 from orchestrator.errors import ConfigError
 from orchestrator.storage import Storage, redact
@@ -59,6 +62,10 @@ RESUMABLE_CHANGES = (
     "data.cache_dir", "model.peer.impl", "cluster.",
     "isoflop", "isoflop.",  # study metadata; a point's own overrides are ordinary keys, compared above
 )
+
+
+# Keys added after checkpoints were written without them: their value in such a checkpoint's config.
+ABSENT_MEANS = {"optim.expert_tables": "adamw"}
 
 
 # Keys that only say how the same training is laid out over processes: a change of these resumes
@@ -188,8 +195,9 @@ def config_differences(saved: dict, current: dict, also_allowed: tuple = ()) -> 
             continue
         if key.startswith("model.pkm") and "pkm" not in (a.get("model.ffn"), b.get("model.ffn")):
             continue  # a model without a PKM layer (configs saved before model.pkm existed lack the block)
-        if a.get(key, "<absent>") != b.get(key, "<absent>"):
-            out.append(f"{key} ({a.get(key, '<absent>')} -> {b.get(key, '<absent>')})")
+        absent = ABSENT_MEANS.get(key, "<absent>")
+        if a.get(key, absent) != b.get(key, absent):
+            out.append(f"{key} ({a.get(key, absent)} -> {b.get(key, absent)})")
     return out
 
 
@@ -310,7 +318,7 @@ class Loaded:
     client_state: dict
     rank_state: dict
     resharded: Optional[str] = None  # the line saying from which layout, when it was resharded
-    downloaded: Optional[str] = None  # remote same-layout resume: the bytes each rank fetched
+    bytes_read: Optional[str] = None  # what each rank read (said in the start line)
 
 
 class CheckpointManager:
@@ -363,13 +371,11 @@ class CheckpointManager:
         except Exception as exc:
             failure, staging = exc, None
             local_dir = os.path.join(tempfile.gettempdir(), "peerlab-unwritable-staging")  # never written to
-        # With a failure already recorded, DeepSpeed's save only runs its collectives and writes nothing.
-        failure = save_checkpoint_recording_write_errors(engine, staging or local_dir, tag, client_state,
-                                                                already_failed=failure)
         if failure is None:
             failure = _attempt(lambda: torch.save({**rank_state, "rng": rng_state()}, os.path.join(local_dir, rank_file(rank))))
-        # The layout-free copy (portable.py): resume under another layout, warm start, export.
-        # write_rank_file gathers before it writes: it runs on every rank whatever failed before.
+        # The model and optimizer state, layout-free (portable.py): every resume (same layout or
+        # another), warm start and export reads it. write_rank_file gathers before it writes: it
+        # runs on every rank whatever failed before.
         portable_records: list = []
         failure = failure or _attempt(lambda: portable_records.append(write_rank_file(engine, local_dir, rank, _gather)))
         portable_records = _gather(portable_records[0] if portable_records else None)
@@ -493,13 +499,15 @@ class CheckpointManager:
                                   "restore those values, or start fresh with checkpoint.resume=false "
                                   "or another run.name")
             saved, now = layout_of(saved_config), layout_of(current_config)
-            if saved == now and info.manifest.get("world_size") == _world():
-                loaded = self._try_load(engine, info)  # the same layout: DeepSpeed's own files, bitwise
+            same_layout = saved == now and info.manifest.get("world_size") == _world()
+            if same_layout and "portable" not in info.manifest:
+                loaded = self._try_load(engine, info)  # written before the portable state: DeepSpeed's files
             else:
                 from orchestrator.checkpoint.reshard import check_reshardable, reshard
 
-                check_reshardable(self, info, saved, now)
-                loaded = reshard(self, engine, info, saved, now)
+                if not same_layout:
+                    check_reshardable(self, info, saved, now)
+                loaded = reshard(self, engine, info, saved, now, same_layout=same_layout)
             if loaded is not None:
                 return loaded
         return None
@@ -518,6 +526,7 @@ class CheckpointManager:
         self.log(init_from(engine, self.cfg, self.log, _rank(), _gather))
 
     def _try_load(self, engine, info: CheckpointInfo) -> Optional[Loaded]:
+        """A checkpoint written before the portable state: DeepSpeed's own files, same layout."""
         rank = _rank()
         files = info.manifest["files"]
         mine = rank_file(rank)
@@ -526,12 +535,10 @@ class CheckpointManager:
             parent, problem = self.storage.root, None
             to_check = [n for n, rec in files.items() if rec["rank"] == rank]
         else:
-            # Every rank needs DeepSpeed's shared files and its own rank file locally (DeepSpeed's
-            # loader opens every ZeRO partition file of its model-parallel rank), not the
-            # layout-free state_rank_* files, which only a resume under another layout reads.
+            # Every rank needs DeepSpeed's shared files and its own rank file locally.
             temp_dir = self._staging_dir(info.tag + ".load", rank)
             parent = temp_dir
-            to_check = [n for n in files if not (n.startswith("rank_") or PORTABLE_FILE.match(n)) or n == mine]
+            to_check = [n for n in files if not n.startswith("rank_") or n == mine]
         problem = None
         for name in to_check:
             rec = files[name]
@@ -550,9 +557,8 @@ class CheckpointManager:
                 break
         if mine not in files:
             problem = problem or f"{mine} is missing"
-        fetched = sum(files[n]["size"] for n in to_check) if temp_dir is not None else 0
-        outcomes = _gather((problem, fetched))
-        bad = [p for p, _ in outcomes if p]
+        problems = _gather(problem)
+        bad = [p for p in problems if p]
         if bad:
             if rank == 0:
                 self.log(f"checkpoint: {info.tag} in {self.storage.display()} is damaged ({bad[0]}); "
@@ -572,12 +578,8 @@ class CheckpointManager:
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load {info.tag} from {self.storage.display()}")
         set_rng_state(rank_state.pop("rng"))
-        downloaded = None
         if temp_dir:
             shutil.rmtree(temp_dir, ignore_errors=True)
-            read = [n for _, n in outcomes]
-            downloaded = (f"bytes read per rank {min(read):,}-{max(read):,} of "
-                          f"{sum(rec['size'] for rec in files.values()):,} (the checkpoint's files)")
-        return Loaded(info, client_state, rank_state, downloaded=downloaded)
+        return Loaded(info, client_state, rank_state)
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import struct
 import dataclasses
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from orchestrator.parallel.shards import Piece, TensorDeclaration, declarations,
 
 PORTABLE_VERSION = 1
 OPTIMIZER_KEYS = ("exp_avg", "exp_avg_sq")
+ROW_STATE_KEYS = ("row_step",)  # optim.expert_tables=row_sparse (orchestrator/row_sparse_adamw.py)
 _DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.bfloat16: "BF16", torch.float16: "F16",
            torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
 _TORCH_DTYPES = {v: k for k, v in _DTYPES.items()}
@@ -40,9 +40,6 @@ _TORCH_DTYPES = {v: k for k, v in _DTYPES.items()}
 
 def portable_file(rank: int) -> str:
     return f"state_rank_{rank:05d}.safetensors"
-
-
-PORTABLE_FILE = re.compile(r"^state_rank_\d{5}\.safetensors$")
 
 
 class DamagedChunk(Exception):
@@ -118,11 +115,25 @@ def local_tensors(engine, with_values: bool = True) -> list[LocalTensor]:
                     if value is None:
                         continue  # no step taken yet
                 out.append(LocalTensor(f"{key}/{decl.name}", value, decl, p, key, shape=tuple(p.shape)))
+            # Per-row state (optim.expert_tables=row_sparse: row_step [N]), declared as the rows of
+            # the table: every rank holding a column slice holds all rows, the same values.
+            for key in getattr(base, "per_row_state_keys", lambda _: ())(p):
+                value = base.state[p][key].detach() if with_values and key in base.state.get(p, {}) else None
+                if with_values and value is None:
+                    continue  # no step taken yet
+                out.append(LocalTensor(f"{key}/{decl.name}", value, _rows_of(decl), p, key, shape=tuple(p.shape[:1])))
             step = _step_of(engine, p) if with_values else None
             if not with_values or step is not None:
                 out.append(LocalTensor(f"step/{decl.name}", step, TensorDeclaration(decl.name, (), (Piece((), (), ()),)),
                                        p, "step"))
     return out
+
+
+def _rows_of(decl: TensorDeclaration) -> TensorDeclaration:
+    """The declaration of a per-row vector of a table declared by `decl`: its pieces' dim 0."""
+    pieces = {(p.local_offsets[0], p.global_offsets[0], p.sizes[0]) for p in decl.pieces}
+    return TensorDeclaration(decl.name, decl.global_shape[:1],
+                             tuple(Piece((lo,), (go,), (size,)) for lo, go, size in sorted(pieces)))
 
 
 def _zero_param_groups(engine) -> list[list]:
@@ -146,8 +157,6 @@ def _step_of(engine, p) -> Optional[torch.Tensor]:
 def write_rank_file(engine, directory: str, rank: int, gather: Callable) -> list[dict]:
     """Collective. Write this rank's pieces that no lower rank holds; returns their chunk records
     (rank 0 assembles the index from every rank's). `gather` all-gathers a picklable object."""
-    from safetensors.torch import save_file
-
     held = local_tensors(engine)
     mine = [(lt.key, p.global_offsets) for lt in held for p in lt.declaration.pieces]
     everyone = gather(mine)
@@ -156,7 +165,7 @@ def write_rank_file(engine, directory: str, rank: int, gather: Callable) -> list
         for item in items:
             first_holder.setdefault((item[0], tuple(item[1])), r)
     held = _with_pooled_batchnorm_statistics(held, gather)
-    tensors: dict[str, torch.Tensor] = {}
+    blocks: list[tuple[str, torch.Tensor, tuple]] = []  # (entry name, block view, order)
     records: list[dict] = []
     for lt in held:
         order = lt.declaration.storage_order
@@ -165,18 +174,48 @@ def write_rank_file(engine, directory: str, rank: int, gather: Callable) -> list
                 continue
             for j, (block, offsets) in enumerate(_blocks(local_view(lt.tensor, piece), piece.global_offsets, order)):
                 name = f"{lt.key}#{i}.{j}"
-                data = (block.permute(order) if order else block).contiguous().cpu().clone()
-                tensors[name] = data
-                records.append({"key": lt.key, "shape": list(lt.declaration.global_shape), "dtype": _DTYPES[data.dtype],
-                                "entry": name, "offsets": list(offsets), "sizes": list(block.shape),
-                                "order": list(order) if order else None, "sha256": _digest(data)})
-    path = os.path.join(directory, portable_file(rank))
-    save_file(tensors, path)
-    spans = _entry_spans(path)
-    for rec in records:
+                blocks.append((name, block, order))
+                records.append({"key": lt.key, "shape": list(lt.declaration.global_shape), "dtype": _DTYPES[block.dtype],
+                                "offsets": list(offsets), "sizes": list(block.shape),
+                                "order": list(order) if order else None})
+    spans, digests = write_safetensors_streaming(os.path.join(directory, portable_file(rank)), blocks)
+    for rec, (name, _, _) in zip(records, blocks):
         rec["file"] = portable_file(rank)
-        rec["begin"], rec["end"] = spans.pop(rec.pop("entry"))
+        rec["begin"], rec["end"] = spans[name]
+        rec["sha256"] = digests[name]
     return records
+
+
+def write_safetensors_streaming(path: str, blocks: list[tuple[str, torch.Tensor, tuple]]):
+    """Write `blocks` (name, tensor view, storage order) as one safetensors file, one block at a
+    time: the header first (every block's dtype, stored shape and byte range are known from the
+    views), then each block's bytes. A save then holds at most one block's copy (when a block
+    must be made contiguous or moved off the GPU), where building the dict that
+    safetensors.torch.save_file takes would copy the rank's whole state (and that function refuses
+    views of one tensor: they share memory). Returns {name: (begin, end)} absolute byte ranges and
+    {name: sha256 of those bytes}. The file is standard safetensors: safetensors.safe_open reads it."""
+    header: dict = {}
+    offset = 0
+    for name, block, order in blocks:
+        stored = [block.shape[d] for d in order] if order else list(block.shape)
+        size = block.numel() * block.element_size()
+        header[name] = {"dtype": _DTYPES[block.dtype], "shape": stored, "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    base = 8 + len(text)
+    spans, digests = {}, {}
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for name, block, order in blocks:
+            data = (block.permute(order) if order else block).contiguous().cpu()
+            raw = data.reshape(-1).view(torch.uint8).numpy() if data.numel() else b""
+            f.write(raw)
+            begin, end = header[name]["data_offsets"]
+            spans[name] = (base + begin, base + end)
+            digests[name] = hashlib.sha256(raw).hexdigest()
+    return spans, digests
 
 
 def pool_batchnorm_statistics(rank_buffers: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -216,12 +255,14 @@ def _with_pooled_batchnorm_statistics(held: list[LocalTensor], gather: Callable)
 
     mine = {lt.key: (tuple(p.global_offsets for p in lt.declaration.pieces), lt.tensor.cpu())
             for lt in held if is_statistic(lt)}
-    everyone = gather(mine)
+    everyone = gather(mine)  # every rank takes part, holding statistics or not
+    if not mine:
+        return held
     where = {key: offsets for key, (offsets, _) in mine.items()}
     # The same tensors at the same global offsets: replicas of one module's statistics.
     holders = [{key: t for key, (_, t) in r.items()} for r in everyone
                if r and {key: offsets for key, (offsets, _) in r.items()} == where]
-    if not mine or len(holders) < 2:
+    if len(holders) < 2:
         return held
     pooled = pool_batchnorm_statistics(holders)
     return [dataclasses.replace(lt, tensor=pooled[lt.key].to(lt.tensor.device)) if lt.key in pooled else lt
@@ -259,20 +300,6 @@ def build_index(per_rank_records: Iterable[list[dict]]) -> dict:
             entry = tensors.setdefault(rec["key"], {"shape": rec["shape"], "dtype": rec["dtype"], "chunks": []})
             entry["chunks"].append({k: rec[k] for k in ("file", "offsets", "sizes", "order", "begin", "end", "sha256")})
     return {"version": PORTABLE_VERSION, "tensors": tensors}
-
-
-def _digest(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"").hexdigest()
-
-
-def _entry_spans(path: str) -> dict[str, tuple[int, int]]:
-    """Absolute byte range of every entry of a safetensors file (its JSON header says where)."""
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    base = 8 + length
-    return {k: (base + v["data_offsets"][0], base + v["data_offsets"][1]) for k, v in header.items()
-            if k != "__metadata__"}
 
 
 # ----------------------------------------------------------------------------- reading
@@ -384,6 +411,8 @@ def read_local_state(engine, index: dict, reader: ChunkReader, want_optimizer: b
             continue
         entry = index["tensors"].get(lt.key)
         problem = None
+        if entry is None and lt.state_key in ROW_STATE_KEYS:
+            continue  # a dense AdamW's state (warm start): the row optimizer counts every row from `step`
         if entry is None:
             problem = MissingTensor(lt.key)
         elif tuple(entry["shape"]) != tuple(lt.declaration.global_shape):

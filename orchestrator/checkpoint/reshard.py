@@ -12,12 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from orchestrator.checkpoint.manager import (MANIFEST, CheckpointInfo, Loaded, _barrier, _gather, _rank, _safe_globals,
-                                             describe_layout, global_batch, rank_file, set_rng_state)
+from orchestrator.checkpoint.manager import (MANIFEST, CheckpointInfo, Loaded, UnsafeCheckpointError, _barrier, _gather,
+                                             _rank, _safe_globals, describe_layout, global_batch, rank_file,
+                                             set_rng_state)
 from orchestrator.checkpoint.portable import (ChunkReader, DamagedChunk, MissingTensor, ShapeMismatch, apply_local_state,
                                               build_index, read_local_state, storage_range_reader, write_rank_file)
 from orchestrator.errors import ConfigError
@@ -45,8 +47,14 @@ def check_reshardable(manager: "CheckpointManager", info: CheckpointInfo, saved:
                           "from it with checkpoint.init_from (a changed global batch changes the data order)")
 
 
-def reshard(manager: "CheckpointManager", engine, info: CheckpointInfo, saved: dict, now: dict) -> Optional[Loaded]:
-    """Load the portable state of `info` into this layout; None when a chunk is damaged."""
+def reshard(manager: "CheckpointManager", engine, info: CheckpointInfo, saved: dict, now: dict,
+            same_layout: bool = False) -> Optional[Loaded]:
+    """Load the portable state of `info` into this layout; None when a chunk is damaged.
+
+    same_layout: the layout that wrote it (the usual resume): then this rank's own rank file
+    supplies its RNG states, data position and per-rank buffers (its own BatchNorm statistics),
+    so that the run continues bitwise as if uninterrupted; otherwise RNG comes from old rank
+    min(r, old world - 1) and BatchNorm statistics are the pooled ones of the portable state."""
     portable = info.manifest["portable"]
     reader = ChunkReader(storage_range_reader(manager.storage, info.tag))
     problem, refusal = None, None
@@ -58,13 +66,20 @@ def reshard(manager: "CheckpointManager", engine, info: CheckpointInfo, saved: d
         refusal = f"{type(exc).__name__}: {exc}"
     rank = _rank()
     old_rank = min(rank, saved["world_size"] - 1)  # RNG: rank r takes old rank r's (see docs)
-    rng = None
+    rng, own, unsafe = None, None, None
     if problem is None and refusal is None:
         try:
-            rng = _read_rank_file(manager, info, old_rank).get("rng")
+            old_rank_state = _read_rank_file(manager, info, old_rank)
+            rng = old_rank_state.get("rng")
+            own = old_rank_state if same_layout else None
         except DamagedChunk as exc:
             problem = str(exc)
-    problems, refusals = zip(*_gather((problem, refusal)))
+        except pickle.UnpicklingError as exc:  # raised on every rank below, not here alone
+            unsafe = f"{rank_file(old_rank)}: " + str(exc).split("Unsupported global: ")[-1].splitlines()[0][:200]
+    problems, refusals, unsafes = zip(*_gather((problem, refusal, unsafe)))
+    if any(unsafes):
+        raise UnsafeCheckpointError(f"refusing to load {info.tag} from {manager.storage.display()}: it holds "
+                                    f"objects outside the weights-only allow-list ({next(u for u in unsafes if u)})")
     if any(refusals):
         raise ConfigError("checkpoint.dir", redact(manager.cfg.dir),
                           f"{info.tag} does not fit this model ({next(r for r in refusals if r)})",
@@ -88,12 +103,15 @@ def reshard(manager: "CheckpointManager", engine, info: CheckpointInfo, saved: d
         set_rng_state(rng)
     read = _gather(reader.bytes_read)
     total = sum(rec["end"] - rec["begin"] for entry in portable["tensors"].values() for rec in entry["chunks"])
-    line = (f"resharded {info.tag} from {describe_layout(saved)} to {describe_layout(now)}; "
-            f"bytes read per rank {min(read):,}-{max(read):,} of {total:,} (tensor bytes of the checkpoint)")
-    if rank == 0:
-        manager.log(line)
+    bytes_read = f"bytes read per rank {min(read):,}-{max(read):,} of {total:,} (tensor bytes of the checkpoint)"
     client_state = portable.get("client_state") or {"train_state": train_state,
                                                      "mlflow_run_id": portable.get("mlflow_run_id")}
+    if own is not None:
+        return Loaded(info, client_state, {"data": own.get("data") or {}, "extra": own.get("extra") or {}},
+                      bytes_read=bytes_read)
+    line = f"resharded {info.tag} from {describe_layout(saved)} to {describe_layout(now)}; {bytes_read}"
+    if rank == 0:
+        manager.log(line)
     return Loaded(info, client_state, {"data": portable.get("data") or {}, "extra": {}}, resharded=line)
 
 

@@ -253,15 +253,18 @@ class TrainEngine(ABC):
 
     # ------------------------------------------------------------------ per-rank state
     def _extra_rank_state(self) -> dict:
-        """State this rank saves in its own checkpoint file, that differs per rank and that
-        DeepSpeed does not save: buffers (PEER's BatchNorm running statistics are updated from each
-        rank's own batches; DeepSpeed saves rank 0's module only) and, under ep, expert shards."""
+        """State this rank saves in its own checkpoint file because it differs per rank: buffers
+        (PEER's BatchNorm running statistics are updated from each rank's own batches; the
+        portable state holds them pooled over the ranks, which a same-layout resume must not use
+        if it is to continue bitwise)."""
         persistent = self.module.state_dict().keys()  # not rotary tables or usage counters
         buffers = {n: b.detach().cpu().clone() for n, b in self.module.named_buffers() if n in persistent}
-        return {"expert_parallel": self._expert_rank_state(), "buffers": buffers}
+        return {"buffers": buffers}
 
     def _load_extra_rank_state(self, state: dict) -> None:
-        """Restore what _extra_rank_state() saved, after DeepSpeed has loaded its part."""
+        """Restore what _extra_rank_state() saved, after the model and optimizer are loaded.
+        Checkpoints written before the portable state also carry this rank's expert shards
+        ("expert_parallel": DeepSpeed without ZeRO saved the model and optimizer from rank 0 only)."""
         self._load_expert_rank_state(state.get("expert_parallel", {}))
         saved = state.get("buffers", {})
         with torch.no_grad():
@@ -274,25 +277,10 @@ class TrainEngine(ABC):
 
         return {n: p for n, p in self.module.named_parameters() if is_moe_param(p)}
 
-    def _expert_rank_state(self) -> dict:
-        """This rank's expert shards (DeepSpeed without ZeRO saves the model and optimizer from
-        rank 0 only), with the layout they were saved under."""
-        if self.cfg.parallel.ep == 1:
-            return {}
-        named = self._expert_parameters()
-        state = {"ep": self.cfg.parallel.ep, "zero_stage": self.cfg.parallel.zero_stage,
-                 "params": {n: p.detach().cpu().clone() for n, p in named.items()}}
-        if self.cfg.parallel.zero_stage == 0:
-            opt_state = self.optimizer.state
-            state["optimizer"] = {n: {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v)
-                                      for k, v in opt_state[p].items()}
-                                  for n, p in named.items() if p in opt_state}
-        return state
-
     def _load_expert_rank_state(self, state: dict) -> None:
-        # A checkpoint of another ep never gets here: CheckpointManager.load refuses any change of
-        # parallel.* (expert shards are not resharded on resume).
-        if self.cfg.parallel.ep == 1:
+        # Only checkpoints written before the portable state have these (and only same-layout
+        # resumes read them: such a checkpoint cannot be resharded).
+        if self.cfg.parallel.ep == 1 or not state:
             return
         named = self._expert_parameters()
         with torch.no_grad():

@@ -120,10 +120,11 @@ def test_damaged_latest_checkpoint_falls_back(tmp_path, data_cache, reference, d
     first = launch(_args(tmp_path, data_cache, ["trainer.max_steps=8"]), cwd=tmp_path)
     assert first.returncode == 0, describe(first)
     run_dir = tmp_path / "runs" / "default"
-    victim = run_dir / "checkpoints" / "step_00000008" / "mp_rank_00_model_states.pt"
+    victim = run_dir / "checkpoints" / "step_00000008" / "state_rank_00000.safetensors"
     data = victim.read_bytes()
-    if damage == "flip":
-        victim.write_bytes(data[:1000] + bytes([data[1000] ^ 0xFF]) + data[1001:])
+    if damage == "flip":  # a byte of the tensors (the file's end), not of its JSON header
+        at = len(data) - 1000
+        victim.write_bytes(data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:])
     elif damage == "truncate":
         victim.write_bytes(data[: len(data) // 2])
     else:
@@ -131,7 +132,7 @@ def test_damaged_latest_checkpoint_falls_back(tmp_path, data_cache, reference, d
     second = launch(_args(tmp_path, data_cache), cwd=tmp_path)
     assert second.returncode == 0, describe(second)
     lines = [ln for ln in second.stdout.splitlines() if "is damaged" in ln]
-    assert len(lines) == 1 and "step_00000008" in lines[0] and "mp_rank_00_model_states.pt" in lines[0], second.stdout
+    assert len(lines) == 1 and "step_00000008" in lines[0] and victim.name in lines[0], second.stdout
     assert "resumed from step_00000004" in second.stdout
     assert all_losses(run_dir) == reference["one"]
 
@@ -220,20 +221,19 @@ def test_s3_round_trip_and_resume(tmp_path, data_cache, reference, s3):
     listed = sorted(p.rsplit("/", 1)[-1] for p in fs.ls("ckpt-bucket/runs/exp1"))
     assert listed == ["step_00000004"], listed
     files = sorted(p.rsplit("/", 1)[-1] for p in fs.ls("ckpt-bucket/runs/exp1/step_00000004"))
-    assert "manifest.json" in files and "rank_00000.pt" in files and "mp_rank_00_model_states.pt" in files
+    assert files == ["manifest.json", "rank_00000.pt", "state_rank_00000.safetensors"], files
     second = launch(args, cwd=tmp_path, extra_env=env)
     assert second.returncode == 0, describe(second)
     assert "resumed from step_00000004" in second.stdout
-    # A same-layout resume fetches DeepSpeed's files and its own rank file, not the layout-free
-    # state_rank_* files (a second copy of the tensors, read only under another layout).
-    sizes = {name: rec["size"] for name, rec in
-             json.loads(fs.cat_file("ckpt-bucket/runs/exp1/step_00000004/manifest.json"))["files"].items()}
-    portable = sum(size for name, size in sizes.items() if name.startswith("state_rank_"))
+    # A checkpoint is each rank's rank file and tensor file; a resume reads the tensors by ranged
+    # GETs (one process needs all of them) and its own rank file.
+    manifest4 = json.loads(fs.cat_file("ckpt-bucket/runs/exp1/step_00000004/manifest.json"))
+    assert set(manifest4["files"]) == {"rank_00000.pt", "state_rank_00000.safetensors"}, manifest4["files"]
+    tensor_bytes = sum(c["end"] - c["begin"] for e in manifest4["portable"]["tensors"].values() for c in e["chunks"])
     line = next(ln for ln in second.stdout.splitlines() if "resumed from step_00000004" in ln)
     read, total = (int(x.replace(",", "")) for x in
                    re.search(r"bytes read per rank ([\d,]+)-[\d,]+ of ([\d,]+)", line).groups())
-    assert portable > 0 and total == sum(sizes.values())
-    assert read == total - portable, (read, total, portable, line)
+    assert read == total == tensor_bytes, (read, total, tensor_bytes, line)
     run_dir = tmp_path / "runs" / "default"
     assert all_losses(run_dir) == reference["one"]
     # Credentials never reach logs, saved configs, manifests or MLflow.
@@ -263,8 +263,8 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path, data_cache):
         import torch
         from orchestrator.checkpoint import sha256_file
 
-        victim = ckpt / "mp_rank_00_model_states.pt"
-        torch.save({"module": _Exploit()}, victim)
+        victim = ckpt / "rank_00000.pt"  # the pickled part: RNG states, data position
+        torch.save({"rng": _Exploit()}, victim)
         manifest = json.loads((ckpt / "manifest.json").read_text())
         manifest["files"][victim.name].update(size=victim.stat().st_size, sha256=sha256_file(str(victim)))
         (ckpt / "manifest.json").write_text(json.dumps(manifest))

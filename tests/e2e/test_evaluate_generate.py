@@ -152,15 +152,17 @@ def test_bad_inputs_are_one_line_and_exit_2(runs, tmp_path, capsys, data_cache):
     step_dir = run / "checkpoints" / f"step_{STEPS:08d}"
     assert generate_main([str(tmp_path / "nothing"), "--prompt", "x"]) == 2
     assert "no such file" in _one_error_line(capsys)
-    # A damaged model file (same size, one byte changed): the manifest's checksum catches it.
+    # A damaged tensor file (same size, one byte of the tensors changed): the chunk's checksum catches it.
     damaged = tmp_path / "damaged"
     shutil.copytree(step_dir, damaged)
-    model_file = damaged / "mp_rank_00_model_states.pt"
+    model_file = damaged / "state_rank_00000.safetensors"
+    tensors = json.loads((damaged / "manifest.json").read_text())["portable"]["tensors"]
+    chunk = next(c for key, e in tensors.items() if key.startswith("model/") for c in e["chunks"] if c["end"] > c["begin"])
     data = bytearray(model_file.read_bytes())
-    data[len(data) // 2] ^= 0xFF
+    data[(chunk["begin"] + chunk["end"]) // 2] ^= 0xFF  # a byte of a model weight, not of an optimizer moment
     model_file.write_bytes(bytes(data))
     assert evaluate_main([str(damaged), "tracking.enabled=false"]) == 2
-    assert "SHA-256 differs" in _one_error_line(capsys)
+    assert "differ from their SHA-256" in _one_error_line(capsys)
     # An interrupted save: step folders without a manifest.
     interrupted = tmp_path / "interrupted" / "checkpoints" / "step_00000009"
     interrupted.mkdir(parents=True)

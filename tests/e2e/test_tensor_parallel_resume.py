@@ -1,18 +1,17 @@
 """Tensor parallelism with ZeRO-1 and checkpoints: a dp=2 x tp=2 run (ZeRO-1) trains like one
 process, and, killed after step 5, resumes from its step-4 checkpoint to bitwise the losses of the
 uninterrupted run (train and validation, ==, as in test_checkpoint_resume.py: every input of the
-next step is restored and CPU fp32 is deterministic). DeepSpeed writes the tp-sharded weights per
-tp rank (mp_rank_00/01 model files) and the ZeRO partitions per (dp, tp) rank. Resuming under
-another tp is refused by the config comparison (tests/unit/test_tensor_parallel_parts.py; end to
-end, the same mechanism refuses another ep in test_checkpoint_resume.py).
+next step is restored and CPU fp32 is deterministic). Each rank writes its pieces of the portable
+state (tp-sharded weights and their moments with global coordinates, replicated tensors once);
+resuming under another layout is tests/e2e/test_layout_change.py.
 """
 
 from __future__ import annotations
 
-import pytest
-import torch
+import json
 
-from orchestrator.checkpoint import safe_load
+import pytest
+
 from tests.distributed.test_tensor_parallel import _check_same_losses, _losses_and_norms
 from tests.e2e.test_checkpoint_resume import COMMON, STEPS, all_losses
 from tests.helpers import describe, launch, read_metrics
@@ -44,17 +43,17 @@ def test_dp2_tp2_resumes_bitwise(tmp_path, data_cache):
     assert first.returncode != 0, describe(first)
     checkpoint = run_root / "default" / "checkpoints" / "step_00000004"
     files = {p.name for p in checkpoint.iterdir()}
-    assert {"mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt", "manifest.json"} <= files, files
-    assert {f"zero_pp_rank_{dp}_mp_rank_{tp:02d}_optim_states.pt" for dp in (0, 1) for tp in (0, 1)} <= files, files
-    # After 4 steps the replicated weights (and BatchNorm statistics) are still bitwise the same on
-    # both tp ranks, and the shards differ: every replicated number gets the same update.
-    states = [safe_load(str(checkpoint / f"mp_rank_{tp:02d}_model_states.pt"))["module"] for tp in (0, 1)]
-    assert states[0].keys() == states[1].keys()
-    sharded = [k for k in states[0] if k.endswith(SHARDED_SUFFIXES)]
+    assert files == {"manifest.json"} | {f"rank_{r:05d}.pt" for r in range(4)} | \
+        {f"state_rank_{r:05d}.safetensors" for r in range(4)}, files
+    # The tensor-parallel shards come from both tp ranks (of dp rank 0), each replicated tensor from
+    # one rank only: both tp ranks hold it bitwise the same (every replicated number gets the same
+    # update), which the bitwise resume below checks, since it loads that one copy into both ranks.
+    tensors = json.loads((checkpoint / "manifest.json").read_text())["portable"]["tensors"]
+    writers = {key: {c["file"] for c in entry["chunks"]} for key, entry in tensors.items() if key.startswith("model/")}
+    sharded = [k for k in writers if k.endswith(SHARDED_SUFFIXES)]
     assert len(sharded) == 2 * 2 + 2 + 2, sharded  # qkv, out per block; the dense MLP; PEER's U, V
-    for key in states[0]:
-        same = torch.equal(states[0][key], states[1][key])
-        assert same != (key in sharded), key
+    for key, written_by in writers.items():
+        assert len(written_by) == (2 if key in sharded else 1), (key, written_by)
 
     second = launch(args, cwd=tmp_path)
     assert second.returncode == 0, describe(second)

@@ -129,3 +129,23 @@ def test_damaged_chunk_and_incomplete_export_are_refused(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(DamagedChunk, match="SHA-256"):
         read_whole(index, "model/0.weight", ChunkReader(storage_range_reader(Storage(str(step)))))
+
+
+def test_rank_files_are_standard_safetensors_written_block_by_block(tmp_path):
+    """write_rank_file streams its blocks (no whole-state copy); the file is still one that
+    safetensors itself opens, each entry holding exactly the bytes the index points at."""
+    from safetensors import safe_open
+
+    whole = _engine(_whole())
+    index = _save_two_ranks(tmp_path, [whole])
+    chunks = [c for entry in index["tensors"].values() for c in entry["chunks"]]
+    assert len(chunks) > 3  # the weight and its two moments in blocks, and the step counts
+    data = (tmp_path / chunks[0]["file"]).read_bytes()
+    import hashlib
+
+    with safe_open(str(tmp_path / chunks[0]["file"]), framework="pt") as f:
+        stored = [f.get_tensor(name).contiguous() for name in f.keys()]
+    digests = sorted(hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy()).hexdigest() for t in stored)
+    assert digests == sorted(c["sha256"] for c in chunks)  # safetensors sees what the index points at
+    weight = whole.module[0].weight.detach()
+    assert torch.equal(read_whole(index, "model/0.weight", ChunkReader(lambda n, b, e: data[b:e])), weight)
