@@ -324,10 +324,9 @@ def _plan_stage(cfg: TrainConfig, device: Device, stage: int) -> Plan:
         temps += min(max(dense, expert), 5e8) * 4  # expert ones too when dp / ep = 1 (DeepSpeed does)
     memory["largest temporaries"] = temps
 
-    if par.ep > 1 and cfg.model.ffn == "peer":
-        # Saving a checkpoint: the trainer copies this rank's expert shards (and at ZeRO 0 their
-        # AdamW moments) before writing them (orchestrator/train.py, _expert_rank_state).
-        memory["checkpoint copies"] = expert * (4 + (8 if par.zero_stage == 0 else 0))
+    # Saving a checkpoint copies nothing at ZeRO 0: each rank streams its tensors into its file
+    # one block at a time (orchestrator/checkpoint/portable.py). (Until 2026-12-03 the trainer
+    # copied its expert shards and their moments first: a "checkpoint copies" term here.)
     comm = _comm_per_step(cfg, params, blocks, sparse, vb, tokens_mb)
     world = cfg.world_size
     tokens_step = t.micro_batch_size * t.grad_accum_steps * par.dp * cfg.data.seq_len
