@@ -63,15 +63,15 @@ def portable_costs(manager, engine, cfg, step_dir: Path, export_dir: str, max_sh
     import subprocess
 
     from orchestrator.checkpoint.manager import layout_of
-    from orchestrator.checkpoint.reshard import reshard
+    from orchestrator.checkpoint.reshard import load_portable
     from orchestrator.config import to_dict
 
     portable_bytes = sum(f.stat().st_size for f in step_dir.glob("state_rank_*.safetensors"))
     info = next(i for i in manager.complete_checkpoints() if i.tag == step_dir.name)
     layout = layout_of(to_dict(cfg))
     started = time.perf_counter()
-    loaded = reshard(manager, engine.deepspeed_engine if hasattr(engine, "deepspeed_engine") else engine,
-                     info, layout, layout)
+    loaded = load_portable(manager, engine.deepspeed_engine if hasattr(engine, "deepspeed_engine") else engine,
+                          info, layout, layout)
     reshard_s = time.perf_counter() - started
     assert loaded is not None
     shutil.rmtree(export_dir, ignore_errors=True)

@@ -114,6 +114,7 @@ def _read_checkpoint(step_dir: Storage, source: str) -> ModelState:
     # safe_load's allow-list imports deepspeed, which warns unless told its accelerator.
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     from orchestrator.checkpoint import MANIFEST, safe_load, sha256_file
+    from orchestrator.checkpoint.manager import unpickling_refusal
     from orchestrator.checkpoint.portable import pool_batchnorm_statistics
 
     shown = step_dir.display()
@@ -144,7 +145,7 @@ def _read_checkpoint(step_dir: Storage, source: str) -> ModelState:
             try:
                 loaded[name] = safe_load(path, map_location="cpu")
             except pickle.UnpicklingError as exc:
-                reason = str(exc).split("Unsupported global: ")[-1].splitlines()[0][:200]
+                reason = unpickling_refusal(exc)
                 raise _refuse(shown, f"holds objects outside the weights-only allow-list ({reason})",
                               "only load checkpoints written by peer-lab") from None
     finally:

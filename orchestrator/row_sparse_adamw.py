@@ -42,8 +42,9 @@ It runs where DeepSpeed calls `optimizer.step()` on this object itself: ZeRO 0, 
 
 State per table: AdamW's `exp_avg`, `exp_avg_sq` ([N, d] like the table) and `step` (the global
 count of optimizer steps, a float32 scalar as torch keeps it) plus `row_step` (int64 [N], t_i).
-Checkpoints carry `row_step` in DeepSpeed's files and in the layout-free state (portable.py, whole
-on every rank), so a resume is exact in the same layout and in another.
+Checkpoints carry `row_step` in the layout-free state (portable.py: declared as the table's rows,
+the same on every rank holding a column slice), so a resume is exact in the same layout and in
+another.
 """
 
 from __future__ import annotations

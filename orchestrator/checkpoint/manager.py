@@ -305,6 +305,11 @@ class UnsafeCheckpointError(RuntimeError):
     """A checkpoint file asks to run code (or to build an object we do not allow) when loaded."""
 
 
+def unpickling_refusal(exc: pickle.UnpicklingError) -> str:
+    """What the weights-only unpickler refused, in a few words (its message is many lines)."""
+    return str(exc).split("Unsupported global: ")[-1].splitlines()[0][:200]
+
+
 @dataclass
 class CheckpointInfo:
     tag: str
@@ -503,11 +508,11 @@ class CheckpointManager:
             if same_layout and "portable" not in info.manifest:
                 loaded = self._try_load(engine, info)  # written before the portable state: DeepSpeed's files
             else:
-                from orchestrator.checkpoint.reshard import check_reshardable, reshard
+                from orchestrator.checkpoint.reshard import check_reshardable, load_portable
 
                 if not same_layout:
                     check_reshardable(self, info, saved, now)
-                loaded = reshard(self, engine, info, saved, now, same_layout=same_layout)
+                loaded = load_portable(self, engine, info, saved, now, same_layout=same_layout)
             if loaded is not None:
                 return loaded
         return None
@@ -572,7 +577,7 @@ class CheckpointManager:
                                                         load_lr_scheduler_states=True)
             rank_state = safe_load(os.path.join(parent, info.tag, mine))
         except pickle.UnpicklingError as exc:
-            reason = str(exc).split("Unsupported global: ")[-1].splitlines()[0][:200]
+            reason = unpickling_refusal(exc)
             raise UnsafeCheckpointError(f"refusing to load {info.tag} from {self.storage.display()}: it holds "
                                         f"objects outside the weights-only allow-list ({reason})") from None
         if path is None:

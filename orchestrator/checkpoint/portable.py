@@ -18,21 +18,21 @@ runs no code.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import struct
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
 import torch
 
 from orchestrator.parallel.shards import Piece, TensorDeclaration, declarations, local_view
+from orchestrator.row_sparse_adamw import ROW_STATE_KEYS  # optim.expert_tables=row_sparse
 
 PORTABLE_VERSION = 1
 OPTIMIZER_KEYS = ("exp_avg", "exp_avg_sq")
-ROW_STATE_KEYS = ("row_step",)  # optim.expert_tables=row_sparse (orchestrator/row_sparse_adamw.py)
 _DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.bfloat16: "BF16", torch.float16: "F16",
            torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
 _TORCH_DTYPES = {v: k for k, v in _DTYPES.items()}

@@ -1,6 +1,7 @@
-"""Resuming a checkpoint under another parallel layout (or another world size) from its portable,
-layout-free part (portable.py): every rank reads only the pieces its new slices need, the LR
-schedule and train state come from the index, the RNG of old rank min(r, old world - 1).
+"""Resuming a checkpoint from its portable, layout-free state (portable.py), under the layout that
+wrote it or another one (another world size too): every rank reads only the pieces its slices
+need, the LR schedule and train state come from the index; RNG states and per-rank buffers come
+from the rank's own file under the same layout, from old rank min(r, old world - 1) under another.
 
 The layout a checkpoint was written under is read from its config; what may change between save
 and load is the layout (parallel.*, micro_batch_size, grad_accum_steps), never the global batch
@@ -19,7 +20,7 @@ import torch
 
 from orchestrator.checkpoint.manager import (MANIFEST, CheckpointInfo, Loaded, UnsafeCheckpointError, _barrier, _gather,
                                              _rank, _safe_globals, describe_layout, global_batch, rank_file,
-                                             set_rng_state)
+                                             set_rng_state, unpickling_refusal)
 from orchestrator.checkpoint.portable import (ChunkReader, DamagedChunk, MissingTensor, ShapeMismatch, apply_local_state,
                                               build_index, read_local_state, storage_range_reader, write_rank_file)
 from orchestrator.errors import ConfigError
@@ -47,8 +48,8 @@ def check_reshardable(manager: "CheckpointManager", info: CheckpointInfo, saved:
                           "from it with checkpoint.init_from (a changed global batch changes the data order)")
 
 
-def reshard(manager: "CheckpointManager", engine, info: CheckpointInfo, saved: dict, now: dict,
-            same_layout: bool = False) -> Optional[Loaded]:
+def load_portable(manager: "CheckpointManager", engine, info: CheckpointInfo, saved: dict, now: dict,
+                  same_layout: bool = False) -> Optional[Loaded]:
     """Load the portable state of `info` into this layout; None when a chunk is damaged.
 
     same_layout: the layout that wrote it (the usual resume): then this rank's own rank file
@@ -75,7 +76,7 @@ def reshard(manager: "CheckpointManager", engine, info: CheckpointInfo, saved: d
         except DamagedChunk as exc:
             problem = str(exc)
         except pickle.UnpicklingError as exc:  # raised on every rank below, not here alone
-            unsafe = f"{rank_file(old_rank)}: " + str(exc).split("Unsupported global: ")[-1].splitlines()[0][:200]
+            unsafe = f"{rank_file(old_rank)}: {unpickling_refusal(exc)}"
     problems, refusals, unsafes = zip(*_gather((problem, refusal, unsafe)))
     if any(unsafes):
         raise UnsafeCheckpointError(f"refusing to load {info.tag} from {manager.storage.display()}: it holds "

@@ -106,6 +106,11 @@ BAD_OVERRIDES = [
     (["cluster=slurm", "cluster.extra_sbatch=[a b]"], "cluster.extra_sbatch", "name=value"),
     (["-m", "optim.lr=1e-3,-1"], "sweep point 1 (optim.lr=-1): optim.lr=-1", "optim.lr="),
     (["-m", "model.peer.num_experts=1024,1000"], "sweep point 1", "1024 (32^2)"),
+    (["model=peer", "optim.expert_tables=row_sparse", "cluster.nproc_per_node=2", "parallel.dp=2",
+      "parallel.zero_stage=1"], "optim.expert_tables='row_sparse'", "set parallel.zero_stage=0 or optim.expert_tables=adamw"),
+    (["model=peer", "optim.expert_tables=row_sparse", "cluster.nproc_per_node=2", "parallel.pp=2"],
+     "optim.expert_tables='row_sparse'", "set parallel.pp=1 or optim.expert_tables=adamw"),
+    (["optim.expert_tables=sparse"], "optim.expert_tables='sparse'", "use one of: adamw, row_sparse"),
 ]
 
 

@@ -1,5 +1,5 @@
-"""optim.expert_tables: what composes, and every refusal as one line naming the key, the value and
-the fix, exit code 2, through launch.py's pre-check (nothing starts)."""
+"""optim.expert_tables: what composes, and the bf16 refusal (its other refusals, one line and exit 2
+through launch.py's pre-check, are rows of tests/config/test_compose.py's BAD_OVERRIDES)."""
 
 from __future__ import annotations
 
@@ -11,28 +11,6 @@ from orchestrator.errors import ConfigError
 from tests.config.test_compose import _compose
 
 ROW_SPARSE = ["model=peer", "optim.expert_tables=row_sparse"]
-
-# (overrides, a word of the problem, the fix)
-REFUSALS = [
-    (ROW_SPARSE + ["cluster.nproc_per_node=2", "parallel.dp=2", "parallel.zero_stage=1"], "zero_stage=1",
-     "set parallel.zero_stage=0 or optim.expert_tables=adamw"),
-    (ROW_SPARSE + ["cluster.nproc_per_node=2", "parallel.pp=2"], "parallel.pp=2",
-     "set parallel.pp=1 or optim.expert_tables=adamw"),
-    (["optim.expert_tables=sparse"], "unknown choice", "use one of: adamw, row_sparse"),
-]
-
-
-@pytest.mark.parametrize("overrides,problem,fix", REFUSALS, ids=[" ".join(o) for o, _, _ in REFUSALS])
-def test_row_sparse_refusal_is_one_line_exit_2(overrides, problem, fix, capsys):
-    with pytest.raises(SystemExit) as exited:
-        launch.check(overrides)
-    assert exited.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    value = overrides[-1].split("=", 1)[1] if "sparse" in overrides[-1] else "row_sparse"
-    assert err.startswith(f"error: optim.expert_tables='{value}': "), err
-    assert problem in err and f"fix: {fix}" in err, err
-
 
 def test_bf16_is_refused_where_a_gpu_would_pick_it():
     # trainer.precision=auto means bf16 on a GPU; this machine may have none, so the validation
